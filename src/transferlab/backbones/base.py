@@ -1,0 +1,30 @@
+"""The one backbone interface (timm-style), shared by every architecture.
+
+- ``blocks``: an ``nn.ModuleList`` in input → output order. Freeze policies freeze blocks by
+  index and give blocks their own learning rates; optimizers get one param group per block.
+- ``feature_dim``: the width of the features a head reads.
+- ``forward(x)``: runs the blocks, then ``pool`` (parameter-free), returning ``(N, feature_dim)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    blocks: nn.ModuleList
+    feature_dim: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.pool(x)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)

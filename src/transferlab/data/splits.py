@@ -1,0 +1,96 @@
+"""One split logic for every dataset: class split into source/target tasks, seeded
+train/val/test splits, and the label budget. Labels are renumbered 0..k-1 per task, in the
+order the classes are listed in the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from transferlab.data.pool import LabelledPool
+from transferlab.errors import ConfigError
+
+
+@dataclass
+class TaskSplits:
+    name: str  # "source" or "target"
+    classes: list[int]  # original class ids; label i means classes[i]
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def sizes(self) -> dict[str, int]:
+        return {split: len(getattr(self, split)[1]) for split in ("train", "val", "test")}
+
+
+@dataclass
+class TransferData:
+    source: Optional[TaskSplits]
+    target: TaskSplits
+    input_shape: tuple[int, ...]
+    dataset: str
+
+
+def _select(x: np.ndarray, y: np.ndarray, classes: Sequence[int]):
+    keep = np.isin(y, classes)
+    remap = {c: i for i, c in enumerate(classes)}
+    return x[keep], np.array([remap[c] for c in y[keep]], dtype=np.int64)
+
+
+def _split(x, y, fraction_or_size, seed: int):
+    """Stratified when every class can be represented, plain random otherwise."""
+    n_classes = len(np.unique(y))
+    n_held = fraction_or_size if isinstance(fraction_or_size, int) else int(round(fraction_or_size * len(y)))
+    stratify = y if min(n_held, len(y) - n_held) >= n_classes and np.bincount(y).min() >= 2 else None
+    return train_test_split(x, y, test_size=fraction_or_size, random_state=seed, stratify=stratify)
+
+
+def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed: int) -> TaskSplits:
+    present = set(np.unique(pool.y_train).tolist())
+    absent = [c for c in classes if c not in present]
+    if absent:
+        raise ConfigError(
+            f"data.{name}_classes: class {absent[0]} has no examples in {pool.name} "
+            f"(classes are {min(present)}..{max(present)})"
+        )
+    rng = np.random.default_rng(seed)
+    draw = lambda: int(rng.integers(2**31 - 1))  # noqa: E731  one independent stream per cut
+
+    x, y = _select(pool.x_train, pool.y_train, classes)
+    if pool.x_test is not None:
+        x_test, y_test = _select(pool.x_test, pool.y_test, classes)
+    else:
+        x, x_test, y, y_test = _split(x, y, data_cfg.test_fraction, draw())
+    x_train, x_val, y_train, y_val = _split(x, y, data_cfg.val_fraction, draw())
+
+    budget = data_cfg[f"{name}_train_size"]
+    if budget is not None:
+        if budget > len(y_train):
+            raise ConfigError(
+                f"data.{name}_train_size={budget} exceeds the {len(y_train)} {name} training examples "
+                f"of {pool.name} left after holding out val/test; lower it or set it to null (all)"
+            )
+        if budget < len(y_train):
+            x_train, _, y_train, _ = _split(x_train, y_train, len(y_train) - budget, draw())
+
+    as_tensors = lambda a, b: (torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(b))  # noqa: E731
+    return TaskSplits(name, list(classes), as_tensors(x_train, y_train), as_tensors(x_val, y_val),
+                      as_tensors(x_test, y_test))
+
+
+def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True) -> TransferData:
+    """Cut `pool` into a source task (None when `with_source` is False) and a target task."""
+    split_seed = seed if data_cfg.split_seed is None else data_cfg.split_seed
+    source = None
+    if with_source:
+        source = _make_task(pool, "source", list(data_cfg.source_classes), data_cfg, seed=split_seed * 2)
+    target = _make_task(pool, "target", list(data_cfg.target_classes), data_cfg, seed=split_seed * 2 + 1)
+    return TransferData(source, target, pool.input_shape, pool.name)

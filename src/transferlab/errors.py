@@ -1,0 +1,13 @@
+"""The one exception type users see: a message that names the key or file and what to do."""
+
+
+class TransferlabError(Exception):
+    """Bad input or a failed run, explained in one line."""
+
+
+class ConfigError(TransferlabError):
+    """A config value that composes but cannot run (e.g. ``target.lr=-1``)."""
+
+
+class NonFiniteLossError(TransferlabError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,54 @@
+"""The freeze-policy interface and the Lightning hooks that carry it out."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from transferlab.errors import ConfigError
+
+
+class FreezePolicy(pl.Callback):
+    """Subclasses say which blocks are frozen in an epoch; this class applies it."""
+
+    def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
+        raise NotImplementedError
+
+    def lr_scales(self, num_blocks: int) -> list[float]:
+        """Learning-rate multiplier per block (the head always gets 1)."""
+        return [1.0] * num_blocks
+
+    def check(self, num_blocks: int, epochs: int) -> None:
+        """Raise ConfigError for settings this backbone / schedule cannot honour."""
+
+    # -- derived -------------------------------------------------------------------------------
+    def always_frozen(self, num_blocks: int, epochs: int) -> set[int]:
+        frozen = set(range(num_blocks))
+        for epoch in range(epochs):
+            frozen &= self.frozen_blocks(epoch, num_blocks)
+        return frozen
+
+    def _require(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        blocks = pl_module.backbone.blocks
+        self._static = self.always_frozen(len(blocks), trainer.max_epochs)
+        for i in self._static:
+            blocks[i].requires_grad_(False)
+        self._masked: list = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        blocks = pl_module.backbone.blocks
+        frozen = self.frozen_blocks(trainer.current_epoch, len(blocks))
+        pl_module.set_frozen_blocks(frozen)
+        self._masked = [p for i in sorted(frozen - self._static) for p in blocks[i].parameters()]
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        for p in self._masked:  # frozen this epoch only: drop the gradient, the optimizer skips it
+            p.grad = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        pl_module.backbone.requires_grad_(True)  # the shared backbone leaves as it came
+        pl_module.set_frozen_blocks(set())

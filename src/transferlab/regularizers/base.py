@@ -1,0 +1,52 @@
+"""The regularizer interface and the Lightning hooks that apply it."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+class Regularizer(pl.Callback):
+    """Subclasses implement `attach`, `add_penalty_grad_` and `penalty`."""
+
+    needs_source = False  # True: `prepare_from_source` must run before the target stage
+
+    def attach(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        """Called when the target stage starts: take references and anchors."""
+
+    def prepare_from_source(self, model: torch.nn.Module, loader, backbone: torch.nn.Module) -> None:
+        """Called once after the source stage, at the source weights (EWC's Fisher)."""
+
+    def add_penalty_grad_(self) -> None:
+        """Add d(penalty)/dw to w.grad for every parameter that has a gradient this step."""
+
+    def penalty(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.attach(pl_module.backbone, pl_module.head)
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        self.add_penalty_grad_()
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.global_step - 1) % trainer.log_every_n_steps == 0:
+            pl_module.log(f"{pl_module.task}/penalty", self.penalty())
+
+
+def with_grads(params: Tensors, *others: Tensors) -> tuple[Tensors, ...]:
+    """Keep the entries whose parameter has a gradient this step (frozen ones have none)."""
+    keep = [i for i, p in enumerate(params) if p.grad is not None]
+    return ([params[i].grad for i in keep], [params[i] for i in keep],
+            *([other[i] for i in keep] for other in others))
+
+
+def sum_of_squares(tensors: Tensors) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(tensors)).square().sum()

@@ -1,0 +1,65 @@
+"""EWC (Kirkpatrick et al., 2017): lambda/2 * sum_i F_i (w_i - w*_i)^2 over the shared backbone.
+
+w* are the source weights and F the diagonal Fisher there, both taken once after the source
+stage (`prepare_from_source`), from per-sample gradients (see fisher.py).
+"""
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from omegaconf import MISSING
+
+from transferlab.errors import ConfigError
+from transferlab.regularizers.base import Regularizer, with_grads
+from transferlab.regularizers.fisher import diagonal_fisher, normalize_fisher
+
+
+class FisherNormalization(Enum):
+    none = "none"
+    max = "max"
+    mean = "mean"
+
+
+@dataclass
+class Config:
+    _target_: str = MISSING
+    lam: float = 100.0
+    fisher: bool = False  # False: empirical Fisher (data labels); True: labels sampled from the model
+    normalize: FisherNormalization = FisherNormalization.none
+    seed: int = 0  # for sampled labels
+
+
+class EWC(Regularizer):
+    needs_source = True
+
+    def __init__(self, lam: float, fisher: bool = False, normalize="none", seed: int = 0):
+        self.lam, self.sample_labels, self.seed = lam, fisher, seed
+        self.normalize = getattr(normalize, "value", normalize)
+        self.fisher: list[torch.Tensor] | None = None
+
+    def prepare_from_source(self, model, loader, backbone) -> None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        shared = {names[id(p)]: p for p in backbone.parameters()}
+        fisher = diagonal_fisher(model, shared, loader, sample_labels=self.sample_labels, seed=self.seed)
+        fisher = normalize_fisher(fisher, self.normalize)
+        self.fisher = [fisher[name] for name in shared]
+        self.anchors = [p.detach().clone() for p in shared.values()]
+
+    def attach(self, backbone, head) -> None:
+        if self.fisher is None:
+            raise ConfigError("regularizer=ewc needs a source stage to estimate its Fisher: "
+                              "use source=train or source=checkpoint")
+        self.shared = list(backbone.parameters())
+
+    def add_penalty_grad_(self) -> None:
+        grads, params, anchors, fisher = with_grads(self.shared, self.anchors, self.fisher)
+        if grads:
+            torch._foreach_addcmul_(grads, torch._foreach_sub(params, anchors), fisher, value=self.lam)
+
+    def penalty(self) -> torch.Tensor:
+        total = torch.zeros(())
+        for p, a, f in zip(self.shared, self.anchors, self.fisher):
+            if p.requires_grad:
+                total = total + (f * (p - a).square()).sum()
+        return self.lam / 2 * total

@@ -1,0 +1,62 @@
+"""Diagonal Fisher information from per-sample gradients (torch.func).
+
+F_i = 1/N * sum_n (d loss_n / d w_i)^2, at fixed weights, in eval mode (BatchNorm statistics must
+not move while we measure; avalanche PR #723). Squaring the *batch-mean* gradient instead, as
+avalanche and others do, underestimates F by up to the batch size near convergence (NOTES §2) and
+makes lambda mean different things at different batch sizes.
+
+- empirical (default): the dataset's labels y_n.
+- true Fisher (`sample_labels=True`): y_n drawn from the model's own softmax, seeded.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+
+def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: Iterable,
+                    *, sample_labels: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fisher diagonal for `params` (a subset of `model.named_parameters()`, by name)."""
+    was_training = model.training
+    model.eval()
+    weights = {name: p.detach() for name, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample_loss(weights, x, y):
+        logits = functional_call(model, weights, (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
+    count = 0
+    try:
+        for x, y in batches:
+            if sample_labels:
+                with torch.no_grad():
+                    probs = F.softmax(model(x), dim=-1)
+                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+            grads = per_sample_grads(weights, x, y)
+            for name, g in grads.items():
+                fisher[name] += g.square().sum(0)
+            count += len(y)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("diagonal_fisher: no samples")
+    return {name: f / count for name, f in fisher.items()}
+
+
+def normalize_fisher(fisher: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    """`none`; `max`: largest entry becomes 1; `mean`: average entry becomes 1."""
+    if how == "none":
+        return fisher
+    flat = torch.cat([f.flatten() for f in fisher.values()])
+    scale = flat.max() if how == "max" else flat.mean()
+    if scale <= 0:
+        return fisher
+    return {name: f / scale for name, f in fisher.items()}

@@ -1,0 +1,30 @@
+"""L2 toward zero (weight decay as a penalty): alpha/2 * sum ||w||^2 over everything that trains."""
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import MISSING
+
+from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
+
+
+@dataclass
+class Config:
+    _target_: str = MISSING
+    alpha: float = 0.01
+
+
+class L2(Regularizer):
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def attach(self, backbone, head) -> None:
+        self.params = [*backbone.parameters(), *head.parameters()]
+
+    def add_penalty_grad_(self) -> None:
+        grads, params = with_grads(self.params)
+        if grads:
+            torch._foreach_add_(grads, params, alpha=self.alpha)
+
+    def penalty(self) -> torch.Tensor:
+        return self.alpha / 2 * sum_of_squares([p for p in self.params if p.requires_grad])

@@ -1,0 +1,45 @@
+"""L2-SP (Li, Grandvalet & Davoine, ICML 2018).
+
+    Omega(w) = alpha/2 * ||w_S - w0_S||^2 + beta/2 * ||w_head||^2
+
+w_S: the backbone shared with the source; w0_S: its weights when the target stage starts (the
+source solution, or the pretrained / random init); w_head: the new target head, pulled to zero.
+The paper's code uses alpha=0.1, beta=0.01; TLlib uses 0.01 for both.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import MISSING
+
+from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
+
+
+@dataclass
+class Config:
+    _target_: str = MISSING
+    alpha: float = 0.1
+    beta: float = 0.01
+
+
+class L2SP(Regularizer):
+    def __init__(self, alpha: float, beta: float):
+        self.alpha, self.beta = alpha, beta
+
+    def attach(self, backbone, head) -> None:
+        self.shared = list(backbone.parameters())
+        self.anchors = [p.detach().clone() for p in self.shared]
+        self.head = list(head.parameters())
+
+    def add_penalty_grad_(self) -> None:
+        grads, params, anchors = with_grads(self.shared, self.anchors)
+        if grads:
+            torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=self.alpha)
+        grads, params = with_grads(self.head)
+        if grads:
+            torch._foreach_add_(grads, params, alpha=self.beta)
+
+    def penalty(self) -> torch.Tensor:
+        moving = [(p, a) for p, a in zip(self.shared, self.anchors) if p.requires_grad]
+        drift = torch._foreach_sub([p for p, _ in moving], [a for _, a in moving]) if moving else []
+        return self.alpha / 2 * sum_of_squares(drift) + self.beta / 2 * sum_of_squares(self.head)

@@ -1,0 +1,55 @@
+"""results.json: the one file a run leaves for reports and sweeps.
+
+{"status": "running"|"completed"|"failed", "error": null|str, "metrics": {...},
+ "config": <resolved config>, "provenance": {"git_sha", "git_dirty", "versions", "seed", "wall_time_s"}}
+
+It is written when the run starts (status running, so a killed run is never taken as completed)
+and rewritten, atomically, when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+PACKAGES = ["transferlab", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "numpy", "scikit-learn"]
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    path = Path(run_dir) / RESULTS_FILE
+    tmp = path.with_name(f".{RESULTS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """SHA and dirtiness of the checkout transferlab runs from (None outside a git checkout)."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return sha, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,1 @@
+"""Stages: source training (or loading), target fine-tuning, evaluation."""

@@ -1,0 +1,34 @@
+"""Callbacks the stages share."""
+
+from __future__ import annotations
+
+import copy
+
+import pytorch_lightning as pl
+
+
+class KeepBestWeights(pl.Callback):
+    """Model selection on validation: remember the best epoch's weights, restore them at the end.
+
+    Kept in memory (a small model's state is cheap to copy; a disk checkpoint per epoch is not).
+    Ties keep the earlier epoch.
+    """
+
+    def __init__(self, monitor: str):
+        self.monitor = monitor
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self._best_state = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is None or trainer.sanity_checking:
+            return
+        score = float(score)
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self._best_state = copy.deepcopy(pl_module.state_dict())
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._best_state is not None:
+            pl_module.load_state_dict(self._best_state)

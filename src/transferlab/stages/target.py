@@ -1,0 +1,45 @@
+"""Target stage: a new head on the same backbone, trained under a freeze policy and a
+regularizer; the best epoch on target *validation* is kept (the test split is not looked at)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pytorch_lightning.callbacks import EarlyStopping
+
+from transferlab.data import TransferData
+from transferlab.data.loaders import make_loader
+from transferlab.freeze import FreezePolicy
+from transferlab.heads import classification_head
+from transferlab.regularizers import Regularizer
+from transferlab.stages.callbacks import KeepBestWeights
+from transferlab.stages.module import TaskModule
+from transferlab.stages.trainer import finish_loggers, make_loggers, make_trainer
+
+
+def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regularizer: Regularizer,
+                 run_dir: Path, *, loggers=None) -> tuple[TaskModule, dict]:
+    task = data.target
+    head = classification_head(backbone.feature_dim, task.num_classes)
+    module = TaskModule(backbone, head, task="target", lr=cfg.target.lr, weight_decay=cfg.target.weight_decay,
+                        lr_scales=freeze.lr_scales(len(backbone.blocks)))
+    best = KeepBestWeights("target/val_acc")
+    callbacks = [freeze, regularizer, best]
+    if cfg.target.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping("target/val_acc", mode="max", patience=cfg.target.early_stopping_patience))
+    loggers = make_loggers(cfg, run_dir, "target") if loggers is None else loggers
+    trainer = make_trainer(cfg, epochs=cfg.target.epochs, loggers=loggers, callbacks=callbacks, run_dir=run_dir)
+    try:
+        trainer.fit(module, make_loader(task.train, cfg.target.batch_size, shuffle=True, seed=cfg.seed + 1),
+                    make_loader(task.val, 256, shuffle=False))
+    except BaseException:
+        finish_loggers(loggers, exit_code=1)
+        raise
+    finish_loggers(loggers, exit_code=0)
+    path = run_dir / "checkpoints" / "target.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(),
+                "target_classes": list(task.classes)}, path)
+    return module, {"target/val_acc": best.best_score, "target/best_epoch": best.best_epoch,
+                    "target/epochs_run": trainer.current_epoch}

@@ -1,0 +1,89 @@
+"""Building a Lightning Trainer and its loggers for one stage.
+
+A CSV log is always written (``<run_dir>/csv/<stage>/metrics.csv``). W&B is added when
+``logger.backend=wandb``: offline unless WANDB_MODE or ``logger.mode`` says otherwise, one W&B run
+per stage (job_type = stage), grouped by experiment. If W&B cannot start, the run goes on with
+the CSV log and a warning: a logging problem never costs local results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+log = logging.getLogger(__name__)
+
+# Lightning warns about single-process data loading; our loaders index in-memory tensors.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def make_loggers(cfg, run_dir: Path, stage: str) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version=stage)]
+    backend = getattr(cfg.logger.backend, "value", cfg.logger.backend)
+    if backend == "wandb":
+        wandb_logger = _wandb_logger(cfg, run_dir, stage)
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)
+    return loggers
+
+
+def _wandb_logger(cfg, run_dir: Path, stage: str):
+    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+    try:
+        import wandb
+        from pytorch_lightning.loggers import WandbLogger
+
+        logger = WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
+            group=cfg.logger.group or cfg.name, job_type=stage, tags=list(cfg.logger.tags),
+            name=f"{cfg.name}-{stage}-seed{cfg.seed}",
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True),
+        )
+        logger.experiment  # start the run now, so a failure shows here and not mid-training
+        return logger
+    except Exception as e:  # noqa: BLE001  any W&B failure: keep going with the CSV log
+        log.warning("W&B logging disabled for the %s stage (%s: %s); the CSV log is still written",
+                    stage, type(e).__name__, e)
+        return None
+
+
+def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
+    """Close W&B runs with the right exit code (a failed stage must not show as finished)."""
+    for logger in loggers:
+        logger.finalize("success" if exit_code == 0 else "failed")
+        run = getattr(logger, "_experiment", None)
+        if run is not None and hasattr(run, "finish"):
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B finish failed: %s", e)
+
+
+def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.Callback],
+                 run_dir: Path) -> pl.Trainer:
+    t = cfg.trainer
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        enable_progress_bar=t.progress_bar,
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        # Selection is KeepBestWeights' job; the stages write their own checkpoints.
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
