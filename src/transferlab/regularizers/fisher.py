@@ -35,15 +35,16 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
     count = 0
     try:
-        for x, y in batches:
-            if sample_labels:
-                with torch.no_grad():
+        # Outer no_grad: torch.func.grad still differentiates inside, but records no graph
+        # through the parameters it does not differentiate (the head) into the result.
+        with torch.no_grad():
+            for x, y in batches:
+                if sample_labels:
                     probs = F.softmax(model(x), dim=-1)
-                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
-            grads = per_sample_grads(weights, x, y)
-            for name, g in grads.items():
-                fisher[name] += g.square().sum(0)
-            count += len(y)
+                    y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+                for name, g in per_sample_grads(weights, x, y).items():
+                    fisher[name] += g.square().sum(0)
+                count += len(y)
     finally:
         model.train(was_training)
     if count == 0:

@@ -1,0 +1,91 @@
+"""Config composition: every option composes, and bad input fails naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from conftest import compose_config
+from transferlab.cli import CONF_DIR
+from transferlab.config import validate
+from transferlab.errors import ConfigError
+
+GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "trainer", "logger", "experiment", "debug"]
+
+
+def all_options():
+    for group in GROUPS:
+        for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_option_composes_and_validates(group, option):
+    extra = ["source.path=x.pt"] if (group, option) == ("source", "checkpoint") else []
+    cfg = compose_config([f"{group}={option}", *extra])
+    validate(cfg)
+    if group not in ("experiment", "debug"):
+        assert cfg[group] is not None
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = compose_config()
+    assert cfg.data.dataset._target_.endswith("load_digits")
+    assert cfg.backbone._target_.endswith("SmallCNN")
+    assert cfg.freeze._target_.endswith("FullFinetune")
+    assert cfg.regularizer._target_.endswith("NoRegularizer")
+    assert cfg.source.mode.value == "train" and cfg.seed == 0 and cfg.logger.mode == "offline"
+
+
+def test_canonical_knobs_override():
+    cfg = compose_config(["seed=0", "target.lr=0.5", "target.epochs=3", "source.epochs=4",
+                          "data.target_train_size=50", "regularizer=l2sp", "regularizer.alpha=0.2",
+                          "freeze=partial", "freeze.k=2"])
+    assert (cfg.seed, cfg.target.lr, cfg.target.epochs, cfg.source.epochs) == (0, 0.5, 3, 4)
+    assert (cfg.data.target_train_size, cfg.regularizer.alpha, cfg.freeze.k) == (50, 0.2, 2)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("freeze=partial freeze.kk=2", "freeze.kk"),
+    ("target.lrr=0.1", "target.lrr"),
+    ("regularizer=l2sp regularizer.alhpa=1", "regularizer.alhpa"),
+])
+def test_misspelled_key_fails_at_compose_naming_it(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(override.split())
+    message = str(info.value) + str(info.value.__cause__)
+    assert key.split(".")[-1] in message
+
+
+@pytest.mark.parametrize("override,key", [("seed=abc", "seed"), ("target.epochs=ten", "epochs"),
+                                          ("freeze=partial freeze.k=one", "k"), ("source=banana", "source")])
+def test_wrong_type_or_unknown_option_fails_at_compose(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        compose_config(override.split())
+    assert key in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["target.lr=0"], "target.lr=0"),
+    (["target.lr=-1"], "target.lr=-1"),
+    (["source.lr=-0.1"], "source.lr"),
+    (["data.source_classes=[0,1,5]"], "overlap on [5]"),
+    (["data.target_classes=[]"], "data.target_classes is empty"),
+    (["data.source_classes=[]"], "data.source_classes"),
+    (["data.target_train_size=0"], "data.target_train_size"),
+    (["data.val_fraction=1.5"], "data.val_fraction"),
+])
+def test_validate_names_the_key(overrides, needle):
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError, match=None) as info:
+        validate(cfg)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_scratch_ignores_the_source_split():
+    validate(compose_config(["source=scratch", "data.source_classes=[]"]))
+    validate(compose_config(["source=scratch", "data.source_classes=[5,6]"]))
