@@ -17,7 +17,8 @@ from transferlab.config import register_schemas  # noqa: E402
 register_schemas()
 
 # Small and quick, still real: digits, the CNN, a couple of epochs, CSV logging only.
-FAST = ["logger=csv", "source.epochs=2", "target.epochs=2", "backbone.channels=[8,16]"]
+FAST = ["logger=csv", "source.epochs=2", "target.epochs=2", "source.lr=1e-2", "target.lr=1e-2",
+        "backbone.channels=[8,16]"]
 
 
 def compose_config(overrides: list[str] | None = None):

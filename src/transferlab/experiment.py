@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +64,16 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, TransferlabError) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but our own errors come out as themselves, not wrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, TransferlabError):
+            raise e.__cause__ from None
+        raise
+
+
 def source_mode(cfg) -> str:
     return getattr(cfg.source.mode, "value", cfg.source.mode)
 
@@ -70,11 +81,11 @@ def source_mode(cfg) -> str:
 def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     mode = source_mode(cfg)
-    pool = instantiate(cfg.data.dataset)
+    pool = build(cfg.data.dataset)
     data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=mode != "scratch")
-    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
-    freeze = instantiate(cfg.freeze)
-    regularizer = instantiate(cfg.regularizer)
+    backbone = build(cfg.backbone, input_shape=data.input_shape)
+    freeze = build(cfg.freeze)
+    regularizer = build(cfg.regularizer)
     freeze.check(backbone.num_blocks, cfg.target.epochs)
     if regularizer.needs_source and mode == "scratch":
         raise ConfigError("regularizer=ewc needs a source stage to estimate its Fisher: "

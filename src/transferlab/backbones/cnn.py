@@ -9,6 +9,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from transferlab.backbones.base import Backbone
+from transferlab.errors import ConfigError
 
 
 @dataclass
@@ -21,7 +22,7 @@ class SmallCNN(Backbone):
     def __init__(self, input_shape: tuple[int, ...], channels: list[int]):
         super().__init__()
         if len(input_shape) != 3:
-            raise ValueError(f"backbone=cnn needs image input (C, H, W), got shape {tuple(input_shape)}")
+            raise ConfigError(f"backbone=cnn needs image input (C, H, W), got shape {tuple(input_shape)}; use backbone=mlp")
         in_channels, size = input_shape[0], min(input_shape[1:])
         blocks = []
         for out_channels in channels:

@@ -1,0 +1,596 @@
+#!/usr/bin/env python
+"""How much slower is transferlab's target stage than a hand-written PyTorch loop, and what does
+each penalty cost per step?
+
+    .venv/bin/python scripts/bench_overhead.py              # ~2-3 min on 2 CPU cores
+    .venv/bin/python scripts/bench_overhead.py --repeats 3  # quicker, noisier
+
+Same model (SmallCNN + nn.Linear head, same seeded init), same data (digits 5-9, the same
+`make_loader` batches in the same seeded order), same optimizer (AdamW, same lr, same param
+groups), same number of epochs and steps, one validation pass per epoch computing accuracy.
+Every variant is timed `--repeats` times, round-robin (so a slow spell on the machine hits all of
+them alike), and the median is reported. Goals (the issue): transferlab <= 1.20x the hand loop;
+each penalty <= 1.03x an unregularized step.
+
+Sections:
+  1. end-to-end table (hand loop vs transferlab, none / l2sp / ewc, no logger / CSV logger)
+  2. fixed cost per fit vs per-step cost (epochs=1 vs epochs=N)
+  3. where transferlab's extra time goes (phase timer callback) + cProfile of one fit
+  4. candidate changes, measured by monkeypatching in this process only (src/ is not modified)
+  5. penalty gradients per call (micro-benchmark, immune to machine noise)
+
+Only the timing of `train_target` (or of the hand loop) is measured; EWC's Fisher is computed
+before it and reported on its own line.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import cProfile  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+T_TORCH = time.perf_counter()
+import pytorch_lightning as pl  # noqa: E402
+
+T_PL = time.perf_counter()
+import torch.nn.functional as F  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from torch import nn  # noqa: E402
+
+import transferlab.stages.target as tl_target  # noqa: E402
+from transferlab.cli import CONF_DIR  # noqa: E402
+from transferlab.config import register_schemas  # noqa: E402
+from transferlab.data import make_transfer_data  # noqa: E402
+from transferlab.data.loaders import make_loader  # noqa: E402
+from transferlab.heads import classification_head  # noqa: E402
+from transferlab.stages.module import TaskModule  # noqa: E402
+from transferlab.stages.target import train_target  # noqa: E402
+
+T_IMPORTS = time.perf_counter()
+
+for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+
+GOAL_FRAMEWORK = 1.20
+GOAL_PENALTY = 1.03
+EVAL_BATCH = 256  # experiment.py's batch for the Fisher pass
+VAL_BATCH = 256  # target.py's validation batch
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------
+def compose_cfg(epochs: int):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=csv", f"target.epochs={epochs}"])
+    return cfg
+
+
+def with_overrides(cfg, **target):
+    cfg = copy.deepcopy(cfg)
+    for key, value in target.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+class Bench:
+    def __init__(self, cfg, data):
+        self.cfg, self.data = cfg, data
+        self.tmp = Path(tempfile.mkdtemp(prefix="transferlab-bench-"))
+        self.regs = {name: self._compose_reg(name) for name in ("none", "l2sp", "ewc")}
+        self.fisher_s: list[float] = []
+
+    def _compose_reg(self, name):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=["logger=csv", f"regularizer={name}"]).regularizer
+
+    def fresh_backbone(self):
+        torch.manual_seed(self.cfg.seed)
+        return instantiate(self.cfg.backbone, input_shape=self.data.input_shape)
+
+    def run_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.tmp))
+
+    def fisher_regularizer(self, backbone):
+        """An EWC object prepared the way experiment.py does it (Fisher at the 'source' weights)."""
+        regularizer = instantiate(self.regs["ewc"])
+        source = TaskModule(backbone, classification_head(backbone.feature_dim, self.data.source.num_classes),
+                            task="source", lr=self.cfg.source.lr)
+        started = time.perf_counter()
+        regularizer.prepare_from_source(source, make_loader(self.data.source.train, EVAL_BATCH, shuffle=False),
+                                        backbone)
+        self.fisher_s.append(time.perf_counter() - started)
+        return regularizer
+
+    # -- transferlab -------------------------------------------------------------------------
+    def transferlab(self, reg: str = "none", *, csv: bool = False, cfg=None, extra_callbacks=()) -> float:
+        cfg = cfg or self.cfg
+        backbone = self.fresh_backbone()
+        freeze = instantiate(cfg.freeze)
+        regularizer = self.fisher_regularizer(backbone) if reg == "ewc" else instantiate(self.regs[reg])
+        run_dir = self.run_dir()
+        with extra(extra_callbacks):
+            started = time.perf_counter()
+            _, info = train_target(cfg, self.data, backbone, freeze, regularizer, run_dir,
+                                   loggers=None if csv else [])
+            elapsed = time.perf_counter() - started
+        self.last_info = info
+        return elapsed
+
+    # -- the hand-written loop ---------------------------------------------------------------
+    def hand(self, reg: str = "none", *, epochs: int | None = None, timer: dict | None = None) -> float:
+        torch.use_deterministic_algorithms(False)  # Lightning's deterministic=True leaves it on
+        cfg, task = self.cfg, self.data.target
+        epochs = cfg.target.epochs if epochs is None else epochs
+        backbone = self.fresh_backbone()
+        ewc = self.fisher_regularizer(backbone) if reg == "ewc" else None
+        started = time.perf_counter()
+        head = nn.Linear(backbone.feature_dim, task.num_classes)
+        # the same param groups as TaskModule.configure_optimizers (one per block + the head)
+        groups = [{"params": list(b.parameters())} for b in backbone.blocks] + [{"params": list(head.parameters())}]
+        opt = torch.optim.AdamW(groups, lr=cfg.target.lr, weight_decay=cfg.target.weight_decay)
+        train = make_loader(task.train, cfg.target.batch_size, shuffle=True, seed=cfg.seed + 1)
+        val = make_loader(task.val, VAL_BATCH, shuffle=False)
+        shared, head_params = list(backbone.parameters()), list(head.parameters())
+        shared_grads = head_grads = None
+        if reg == "l2sp":
+            alpha, beta = self.regs["l2sp"].alpha, self.regs["l2sp"].beta
+            anchors = [p.detach().clone() for p in shared]
+        elif reg == "ewc":
+            lam, anchors, fisher = ewc.lam, ewc.anchors, ewc.fisher
+        best = -1.0
+        step_s = val_s = 0.0
+        for _ in range(epochs):
+            backbone.train(), head.train()
+            t = time.perf_counter()
+            for x, y in train:
+                loss = F.cross_entropy(head(backbone(x)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if reg != "none":
+                    with torch.no_grad():
+                        shared_grads = [p.grad for p in shared]
+                        if reg == "l2sp":
+                            head_grads = [p.grad for p in head_params]
+                            torch._foreach_add_(shared_grads, torch._foreach_sub(shared, anchors), alpha=alpha)
+                            torch._foreach_add_(head_grads, head_params, alpha=beta)
+                        else:
+                            torch._foreach_addcmul_(shared_grads, torch._foreach_sub(shared, anchors), fisher,
+                                                    value=lam)
+                opt.step()
+            t2 = time.perf_counter()
+            backbone.eval(), head.eval()
+            correct = count = 0
+            with torch.no_grad():
+                for x, y in val:
+                    correct += int((head(backbone(x)).argmax(-1) == y).sum())
+                    count += len(y)
+            best = max(best, correct / count)
+            step_s += t2 - t
+            val_s += time.perf_counter() - t2
+        elapsed = time.perf_counter() - started
+        if timer is not None:
+            timer.update(steps=step_s, val=val_s, total=elapsed)
+        self.last_info = {"target/val_acc": best}
+        return elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# instrumentation and monkeypatches (this process only)
+# ---------------------------------------------------------------------------------------------
+_EXTRA_CALLBACKS: list = []
+_TRAINER_KWARGS: dict = {}
+_original_make_trainer = tl_target.make_trainer
+
+
+def _patched_make_trainer(cfg, *, epochs, loggers, callbacks, run_dir):
+    started = time.perf_counter()
+    callbacks = list(callbacks) + list(_EXTRA_CALLBACKS)
+    if not _TRAINER_KWARGS:
+        trainer = _original_make_trainer(cfg, epochs=epochs, loggers=loggers, callbacks=callbacks, run_dir=run_dir)
+    else:  # the same arguments as transferlab.stages.trainer.make_trainer, plus the overrides
+        t = cfg.trainer
+        kwargs = dict(max_epochs=epochs, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+                      deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
+                      gradient_clip_val=t.gradient_clip_val, enable_progress_bar=t.progress_bar,
+                      logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir),
+                      enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+        kwargs.update(_TRAINER_KWARGS)
+        trainer = pl.Trainer(**kwargs)
+    for cb in _EXTRA_CALLBACKS:
+        if isinstance(cb, PhaseTimer):
+            cb.trainer_init_s = time.perf_counter() - started
+    return trainer
+
+
+tl_target.make_trainer = _patched_make_trainer
+
+
+class extra:
+    """Context: extra callbacks and Trainer keyword overrides for the fits inside it."""
+
+    def __init__(self, callbacks=(), **trainer_kwargs):
+        self.callbacks, self.kwargs = list(callbacks), trainer_kwargs
+
+    def __enter__(self):
+        self.saved = list(_EXTRA_CALLBACKS), dict(_TRAINER_KWARGS)
+        _EXTRA_CALLBACKS.extend(self.callbacks)
+        _TRAINER_KWARGS.update(self.kwargs)
+
+    def __exit__(self, *exc):
+        _EXTRA_CALLBACKS[:] = self.saved[0]
+        _TRAINER_KWARGS.clear()
+        _TRAINER_KWARGS.update(self.saved[1])
+
+
+class patched:
+    """Context: temporarily replace attributes (obj, name, value) triples."""
+
+    def __init__(self, *triples):
+        self.triples, self.saved = triples, []
+
+    def __enter__(self):
+        for obj, name, value in self.triples:
+            self.saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, value)
+
+    def __exit__(self, *exc):
+        for obj, name, value in reversed(self.saved):
+            setattr(obj, name, value)
+
+
+class PhaseTimer(pl.Callback):
+    """Timestamps of a fit's phases: everything between them is Lightning's (or a callback's)."""
+
+    def __init__(self):
+        self.trainer_init_s = 0.0
+        self.marks: dict[str, float] = {}
+        self.step_s = self.val_s = 0.0
+        self.n_steps = 0
+
+    def _mark(self, name):
+        self.marks.setdefault(name, time.perf_counter())
+
+    def setup(self, trainer, pl_module, stage):
+        self._mark("setup")
+
+    def on_train_start(self, trainer, pl_module):
+        self._mark("train_start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._mark("first_batch")
+        self._b = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.step_s += time.perf_counter() - self._b
+        self.n_steps += 1
+
+    def on_validation_start(self, trainer, pl_module):
+        self._v = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        self.val_s += time.perf_counter() - self._v
+
+    def on_train_end(self, trainer, pl_module):
+        self._mark("train_end")
+
+    def teardown(self, trainer, pl_module, stage):
+        self._mark("teardown")
+
+
+def timed_fit_phases(bench: Bench, cfg=None):
+    """One transferlab fit (reg none, no logger) with fit() and the rest of train_target split up."""
+    timer = PhaseTimer()
+    marks = {}
+    original_fit = pl.Trainer.fit
+
+    def fit(self, *args, **kwargs):
+        marks["fit_call"] = time.perf_counter()
+        try:
+            return original_fit(self, *args, **kwargs)
+        finally:
+            marks["fit_return"] = time.perf_counter()
+
+    with patched((pl.Trainer, "fit", fit)):
+        backbone = bench.fresh_backbone()
+        cfg = cfg or bench.cfg
+        started = time.perf_counter()
+        with extra([timer]):
+            train_target(cfg, bench.data, backbone, instantiate(cfg.freeze), instantiate(bench.regs["none"]),
+                         bench.run_dir(), loggers=[])
+        ended = time.perf_counter()
+    m = timer.marks
+    loop = m["train_end"] - m["first_batch"]
+    return {
+        "before Trainer(): head, TaskModule": marks["fit_call"] - started - timer.trainer_init_s,
+        "Trainer() construction": timer.trainer_init_s,
+        "fit() until the first batch": m["first_batch"] - marks["fit_call"],
+        "training steps (batch start->end)": timer.step_s,
+        "validation passes": timer.val_s,
+        "between steps (data, loop glue)": loop - timer.step_s - timer.val_s,
+        "end of training -> fit() returns": marks["fit_return"] - m["train_end"],
+        "after fit(): loggers, torch.save": ended - marks["fit_return"],
+        "total": ended - started,
+        "_steps": timer.n_steps,
+    }
+
+
+def hand_phases(bench: Bench):
+    timer = {}
+    bench.hand("none", timer=timer)
+    return {"training steps (batch start->end)": timer["steps"], "validation passes": timer["val"],
+            "total": timer["total"]}
+
+
+# -- candidate changes to src/, applied as monkeypatches ---------------------------------------
+def training_step_no_log(self, batch, batch_idx):
+    x, y = batch
+    loss = F.cross_entropy(self(x), y)
+    if not torch.isfinite(loss):
+        raise RuntimeError("non-finite loss")
+    return loss
+
+
+def configure_optimizers_foreach(self):
+    groups = [{"params": list(b.parameters()), "lr": self.lr * s, "name": f"block{i}"}
+              for i, (b, s) in enumerate(zip(self.backbone.blocks, self.lr_scales)) if any(True for _ in b.parameters())]
+    groups.append({"params": list(self.head.parameters()), "lr": self.lr, "name": "head"})
+    return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, foreach=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting helpers
+# ---------------------------------------------------------------------------------------------
+def med(xs):
+    return statistics.median(xs)
+
+
+def spread(xs):
+    return f"{min(xs):.3f}-{max(xs):.3f}"
+
+
+def run_round_robin(variants: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    if warmup:
+        for fn in variants.values():
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    return times
+
+
+def verdict(ratio, goal):
+    return "OK " if ratio <= goal else "MISS"
+
+
+def header(title):
+    print(f"\n== {title} " + "=" * max(0, 88 - len(title)))
+
+
+def loadavg():
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "n/a"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config's target.epochs")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile section")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+
+    cfg = compose_cfg(10 if args.epochs is None else args.epochs)
+    pool = instantiate(cfg.data.dataset)
+    data = make_transfer_data(pool, cfg.data, seed=cfg.seed)
+    bench = Bench(cfg, data)
+    epochs = cfg.target.epochs
+    steps_per_epoch = -(-len(data.target.train[1]) // cfg.target.batch_size)
+    steps = epochs * steps_per_epoch
+
+    print(f"transferlab overhead benchmark -- torch {torch.__version__}, pytorch_lightning {pl.__version__}, "
+          f"python {sys.version.split()[0]}")
+    print(f"CPU threads: torch.get_num_threads()={torch.get_num_threads()}, os.cpu_count()={os.cpu_count()}; "
+          f"load average at start: {loadavg()}")
+    print(f"imports: torch {T_TORCH - T_START:.2f} s, pytorch_lightning {T_PL - T_TORCH:.2f} s, "
+          f"hydra+transferlab {T_IMPORTS - T_PL:.2f} s")
+    print(f"task: digits {list(cfg.data.target_classes)}, {len(data.target.train[1])} train / "
+          f"{len(data.target.val[1])} val examples, batch {cfg.target.batch_size}, {epochs} epochs = {steps} steps, "
+          f"AdamW lr {cfg.target.lr}, backbone {cfg.backbone._target_.rsplit('.', 1)[-1]} {list(cfg.backbone.channels)}")
+    print(f"timings: median of {args.repeats} repeats, variants interleaved round-robin, after one warm-up each")
+
+    # -- 1. end to end ------------------------------------------------------------------------
+    variants = {
+        "hand loop, none": lambda: bench.hand("none"),
+        "hand loop, l2sp (foreach grad)": lambda: bench.hand("l2sp"),
+        "hand loop, ewc (foreach grad)": lambda: bench.hand("ewc"),
+        "transferlab, none, loggers=[]": lambda: bench.transferlab("none"),
+        "transferlab, none, CSV logger": lambda: bench.transferlab("none", csv=True),
+        "transferlab, l2sp, loggers=[]": lambda: bench.transferlab("l2sp"),
+        "transferlab, ewc, loggers=[]": lambda: bench.transferlab("ewc"),
+    }
+    accs = {}
+    for name, fn in variants.items():  # the warm-up run doubles as a same-training sanity check
+        fn()
+        accs[name] = bench.last_info.get("target/val_acc")
+    bench.fisher_s.clear()
+    times = run_round_robin(variants, args.repeats, warmup=False)
+    m = {name: med(ts) for name, ts in times.items()}
+
+    header(f"1. target stage, end to end ({steps} steps + {epochs} validation passes)")
+    print(f"{'variant':<34}{'median s':>10}{'min-max s':>15}{'ms/step':>9}{'best val acc':>14}")
+    for name, ts in times.items():
+        print(f"{name:<34}{med(ts):>10.3f}{spread(ts):>15}{1000 * med(ts) / steps:>9.2f}{accs[name]:>14.4f}")
+    print(f"EWC Fisher (prepare_from_source, {len(data.source.train[1])} source samples, per-sample vmap(grad)), "
+          f"not in the timings above: median {med(bench.fisher_s):.3f} s")
+
+    hand0 = m["hand loop, none"]
+    tl0 = m["transferlab, none, loggers=[]"]
+    ratios = [
+        ("transferlab (loggers=[]) / hand loop", tl0 / hand0, GOAL_FRAMEWORK),
+        ("transferlab (CSV logger) / hand loop", m["transferlab, none, CSV logger"] / hand0, GOAL_FRAMEWORK),
+        ("transferlab l2sp / transferlab none", m["transferlab, l2sp, loggers=[]"] / tl0, GOAL_PENALTY),
+        ("transferlab ewc  / transferlab none", m["transferlab, ewc, loggers=[]"] / tl0, GOAL_PENALTY),
+        ("hand l2sp / hand none", m["hand loop, l2sp (foreach grad)"] / hand0, GOAL_PENALTY),
+        ("hand ewc  / hand none", m["hand loop, ewc (foreach grad)"] / hand0, GOAL_PENALTY),
+    ]
+    print("\nratios (medians):")
+    for label, ratio, goal in ratios:
+        print(f"  {label:<40}{ratio:6.3f}x   goal <= {goal:.2f}x  {verdict(ratio, goal)}")
+
+    # -- 2. fixed vs per-step -----------------------------------------------------------------
+    cfg1 = with_overrides(cfg, target__epochs=1)
+    one = run_round_robin({
+        "hand loop, epochs=1": lambda: bench.hand("none", epochs=1),
+        "transferlab, epochs=1": lambda: bench.transferlab("none", cfg=cfg1),
+    }, args.repeats)
+    header(f"2. fixed cost per fit vs cost per step (T(E) = fixed + E * per_epoch; E=1 and E={epochs})")
+    print(f"{'':<14}{'T(1) s':>9}{f'T({epochs}) s':>10}{'fixed s':>9}{'per epoch s':>13}{'per step ms':>13}")
+    per = {}
+    for label, t1s, tns in (("hand loop", one["hand loop, epochs=1"], times["hand loop, none"]),
+                            ("transferlab", one["transferlab, epochs=1"], times["transferlab, none, loggers=[]"])):
+        t1, tn = med(t1s), med(tns)
+        per_epoch = (tn - t1) / (epochs - 1)
+        fixed = t1 - per_epoch
+        per[label] = (fixed, per_epoch)
+        print(f"{label:<14}{t1:>9.3f}{tn:>10.3f}{fixed:>9.3f}{per_epoch:>13.4f}{1000 * per_epoch / steps_per_epoch:>13.2f}")
+    extra_fixed = per["transferlab"][0] - per["hand loop"][0]
+    extra_epoch = per["transferlab"][1] - per["hand loop"][1]
+    print(f"transferlab's extra time: fixed {extra_fixed:+.3f} s per fit, {extra_epoch * epochs:+.3f} s over "
+          f"{epochs} epochs ({1000 * extra_epoch / steps_per_epoch:+.2f} ms per step incl. its share of validation)")
+
+    # -- 3. where it goes ---------------------------------------------------------------------
+    n_phase = max(3, args.repeats)
+    phase_runs = [timed_fit_phases(bench) for _ in range(n_phase)]
+    hand_runs = [hand_phases(bench) for _ in range(n_phase)]
+    header(f"3. where transferlab's time goes (one fit, reg none, loggers=[]; medians of {n_phase})")
+    print(f"{'phase':<40}{'transferlab s':>14}{'hand loop s':>13}{'extra s':>10}")
+    extra_rows = {}
+    for key in phase_runs[0]:
+        if key.startswith("_"):
+            continue
+        tl_v = med([r[key] for r in phase_runs])
+        hand_v = med([r[key] for r in hand_runs]) if key in hand_runs[0] else 0.0
+        extra_rows[key] = tl_v - hand_v
+        print(f"{key:<40}{tl_v:>14.3f}{hand_v:>13.3f}{tl_v - hand_v:>+10.3f}")
+    n_steps = phase_runs[0]["_steps"]
+    print(f"per training step: transferlab {1000 * med([r['training steps (batch start->end)'] for r in phase_runs]) / n_steps:.2f} ms, "
+          f"hand loop {1000 * med([r['training steps (batch start->end)'] for r in hand_runs]) / n_steps:.2f} ms; "
+          f"per validation pass: transferlab {1000 * med([r['validation passes'] for r in phase_runs]) / epochs:.1f} ms, "
+          f"hand loop {1000 * med([r['validation passes'] for r in hand_runs]) / epochs:.1f} ms")
+
+    if not args.no_profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        bench.transferlab("none")
+        prof.disable()
+        buckets: dict[str, float] = {}
+        stats = pstats.Stats(prof)
+        for (filename, _, func), (_, _, tottime, _, _) in stats.stats.items():
+            if "pytorch_lightning" in filename or "lightning_fabric" in filename or "lightning_utilities" in filename:
+                key = "Lightning (python)"
+            elif "transferlab" in filename:
+                key = "transferlab (python)"
+            elif "/torch/" in filename:
+                key = "torch (python wrappers: nn.Module, optim, autograd)"
+            elif filename == "~":
+                key = "C/C++ kernels and builtins (conv, backward, optimizer math, ...)"
+            else:
+                key = "other python (stdlib, omegaconf, ...)"
+            buckets[key] = buckets.get(key, 0.0) + tottime
+        total = sum(buckets.values())
+        print(f"\ncProfile of one transferlab fit (self time by where the code lives; profiling inflates "
+              f"python time, total {total:.2f} s):")
+        for key, value in sorted(buckets.items(), key=lambda kv: -kv[1]):
+            print(f"  {key:<66}{value:7.3f} s {100 * value / total:5.1f}%")
+        out = io.StringIO()
+        lightning_only = pstats.Stats(prof, stream=out)
+        lightning_only.sort_stats("tottime").print_stats(r"pytorch_lightning|lightning_fabric|lightning_utilities", 8)
+        print("  top Lightning functions by self time:")
+        for line in out.getvalue().splitlines():
+            if "site-packages" in line:
+                parts = line.split()
+                where = parts[-1].split("site-packages/")[-1]
+                print(f"    {parts[0]:>11} calls {float(parts[1]):6.3f} s  {where}")
+
+    # -- 4. candidate changes -----------------------------------------------------------------
+    header("4. candidate changes (transferlab, reg none, loggers=[]), monkeypatched here only")
+    cands = {
+        "as is": lambda: bench.transferlab("none"),
+        "Trainer(deterministic=False)": lambda: _with(extra_kw=dict(deterministic=False),
+                                                      fn=lambda: bench.transferlab("none")),
+        "no train_loss self.log": lambda: _with(triples=[(TaskModule, "training_step", training_step_no_log)],
+                                                fn=lambda: bench.transferlab("none")),
+        "AdamW(foreach=True)": lambda: _with(triples=[(TaskModule, "configure_optimizers",
+                                                       configure_optimizers_foreach)],
+                                             fn=lambda: bench.transferlab("none")),
+    }
+    cand_times = run_round_robin(cands, args.repeats)
+    hand_ref = med(times["hand loop, none"])
+    base = med(cand_times["as is"])
+    print(f"{'variant':<34}{'median s':>10}{'vs as is':>10}{'vs hand loop':>14}")
+    for name, ts in cand_times.items():
+        print(f"{name:<34}{med(ts):>10.3f}{med(ts) - base:>+10.3f}{med(ts) / hand_ref:>13.3f}x")
+
+    # -- 5. penalty micro-benchmark -----------------------------------------------------------
+    header("5. penalty cost per call (real CNN, grads present; median of 7 x 200 calls)")
+    backbone = bench.fresh_backbone()
+    head = nn.Linear(backbone.feature_dim, data.target.num_classes)
+    x, y = data.target.train[0][:32], data.target.train[1][:32]
+    F.cross_entropy(head(backbone(x)), y).backward()
+    regs = {"l2sp": instantiate(bench.regs["l2sp"]), "ewc": bench.fisher_regularizer(backbone)}
+    step_ms = 1000 * med(times["hand loop, none"]) / steps
+    print(f"{'regularizer':<12}{'add_penalty_grad_ us':>22}{'penalty() us':>14}{'per step, % of a hand step':>30}")
+    for name, reg in regs.items():
+        reg.attach(backbone, head)
+        grad_us = micro(lambda: torch.no_grad()(reg.add_penalty_grad_)())
+        pen_us = micro(lambda: torch.no_grad()(reg.penalty)())
+        per_step_us = grad_us + pen_us / cfg.trainer.log_every_n_steps  # penalty() runs on log steps only
+        print(f"{name:<12}{grad_us:>22.1f}{pen_us:>14.1f}{100 * per_step_us / (1000 * step_ms):>29.2f}%")
+
+    print(f"\nload average at end: {loadavg()}; benchmark wall time {time.perf_counter() - wall:.0f} s "
+          f"(+ {T_IMPORTS - T_START:.1f} s imports)")
+
+
+def _with(*, fn, triples=(), extra_kw=None):
+    with patched(*triples), extra(**(extra_kw or {})):
+        return fn()
+
+
+def micro(fn, calls=200, repeats=7):
+    fn()
+    results = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        results.append((time.perf_counter() - started) / calls * 1e6)
+    return med(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""End to end through `run_experiment` (what the CLI calls): the results contract, the stages,
+reproducibility, and every failure leaving status=failed with a one-line error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from transferlab.errors import NonFiniteLossError, TransferlabError
+from transferlab.experiment import run_experiment
+from transferlab.results import read_results
+
+REQUIRED = ["target/test_acc", "target/val_acc", "source/test_acc_before", "source/test_acc_after",
+            "transfer/forgetting", "params/total", "params/trainable"]
+
+
+def run(make_cfg, tmp_path, *overrides, name="run"):
+    return run_experiment(make_cfg(*overrides), tmp_path / name)
+
+
+def test_transfer_run_meets_the_results_contract(make_cfg, tmp_path):
+    results = run(make_cfg, tmp_path, "regularizer=l2sp", "seed=0")
+    on_disk = read_results(tmp_path / "run")
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["status"] == "completed" and on_disk["error"] is None
+    m = on_disk["metrics"]
+    assert set(REQUIRED) <= set(m)
+    assert 0.5 < m["target/test_acc"] <= 1.0 and 0.5 < m["source/test_acc_before"] <= 1.0  # 5 classes: chance 0.2
+    assert m["transfer/forgetting"] == pytest.approx(m["source/test_acc_before"] - m["source/test_acc_after"])
+    assert m["params/trainable"] == m["params/total"] > 0
+    assert on_disk["config"]["regularizer"]["_target_"].endswith("L2SP")
+    prov = on_disk["provenance"]
+    assert prov["seed"] == 0 and prov["wall_time_s"] > 0
+    assert prov["versions"]["torch"] == torch.__version__.split("+")[0] or prov["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+    assert "git_sha" in prov
+    for stage in ("source", "target"):
+        assert (tmp_path / "run" / "csv" / stage / "metrics.csv").read_text().count("\n") > 1
+        assert (tmp_path / "run" / "checkpoints" / f"{stage}.pt").is_file()
+
+
+def test_source_after_is_the_kept_source_head_on_the_moved_backbone(make_cfg, tmp_path):
+    """Recompute source accuracy after the target stage by hand from the saved checkpoints."""
+    from hydra.utils import instantiate
+
+    from transferlab.data import make_transfer_data
+    from transferlab.heads import classification_head
+
+    cfg = make_cfg("freeze=full")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=cfg.seed)
+    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
+    source = torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)
+    target = torch.load(tmp_path / "run" / "checkpoints" / "target.pt", weights_only=True)
+    head = classification_head(backbone.feature_dim, 5)
+    head.load_state_dict(source["head"])
+    x, y = data.source.test
+
+    def acc(backbone_state):
+        backbone.load_state_dict(backbone_state)
+        backbone.eval()
+        with torch.no_grad():
+            return float((head(backbone(x)).argmax(-1) == y).float().mean())
+
+    assert acc(source["backbone"]) == pytest.approx(m["source/test_acc_before"])
+    assert acc(target["backbone"]) == pytest.approx(m["source/test_acc_after"])
+
+
+def test_linear_probe_forgets_nothing_and_counts_trainable_params(make_cfg, tmp_path):
+    m = run(make_cfg, tmp_path, "freeze=linear_probe")["metrics"]
+    assert m["transfer/forgetting"] == 0.0
+    assert m["params/trainable"] == 16 * 5 + 5  # the head: features(16) x 5 classes + bias
+
+
+def test_scratch_baseline_has_null_source_metrics(make_cfg, tmp_path):
+    results = run(make_cfg, tmp_path, "source=scratch")
+    m = results["metrics"]
+    assert results["status"] == "completed" and m["target/test_acc"] > 0.3
+    assert m["source/test_acc_before"] is None and m["source/test_acc_after"] is None
+    assert m["transfer/forgetting"] is None
+    assert not (tmp_path / "run" / "checkpoints" / "source.pt").exists()
+
+
+def test_same_seed_same_numbers_and_seed_zero_is_a_seed(make_cfg, tmp_path):
+    a = run(make_cfg, tmp_path, "seed=0", "regularizer=ewc", name="a")["metrics"]
+    b = run(make_cfg, tmp_path, "seed=0", "regularizer=ewc", name="b")["metrics"]
+    c = run(make_cfg, tmp_path, "seed=1", "regularizer=ewc", name="c")["metrics"]
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+    assert a["time/fisher_s"] >= 0
+
+
+def test_checkpoint_source_reuses_a_saved_source_stage(make_cfg, tmp_path):
+    first = run(make_cfg, tmp_path, name="first")["metrics"]
+    path = tmp_path / "first" / "checkpoints" / "source.pt"
+    second = run(make_cfg, tmp_path, "source=checkpoint", f"source.path={path}", "regularizer=ewc",
+                 name="second")["metrics"]
+    assert second["source/test_acc_before"] == first["source/test_acc_before"]
+    assert "source/best_epoch" not in second  # nothing was trained for the source
+
+
+@pytest.mark.parametrize("content,needle", [(None, "file not found"), (b"garbage" * 10, "cannot be read")])
+def test_bad_source_checkpoint_fails_cleanly(make_cfg, tmp_path, content, needle):
+    path = tmp_path / "source.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(TransferlabError, match=needle) as info:
+        run(make_cfg, tmp_path, "source=checkpoint", f"source.path={path}")
+    assert f"source.path={path}" in str(info.value)
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "failed" and needle in results["error"] and "\n" not in results["error"]
+
+
+def test_checkpoint_from_another_backbone_says_so(make_cfg, tmp_path):
+    run(make_cfg, tmp_path, name="first")
+    path = tmp_path / "first" / "checkpoints" / "source.pt"
+    with pytest.raises(TransferlabError, match="do not fit backbone"):
+        run(make_cfg, tmp_path, "source=checkpoint", f"source.path={path}", "backbone.channels=[8,32]")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["target.lr=-1"], "target.lr=-1.0: must be > 0"),
+    (["freeze=partial", "freeze.k=3"], "freeze.k=3: the backbone has 2 blocks"),
+    (["data.source_classes=[4,5]"], "overlap on [5]"),
+    (["data.target_train_size=100000"], "data.target_train_size=100000 exceeds"),
+    (["source=scratch", "regularizer=ewc"], "regularizer=ewc needs a source stage"),
+    (["data=fashion_mnist", "paths.fashion_mnist=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+])
+def test_bad_input_fails_with_one_line_and_no_completed_results(make_cfg, tmp_path, overrides, needle):
+    with pytest.raises(TransferlabError) as info:
+        run(make_cfg, tmp_path, *overrides)
+    assert needle in str(info.value)
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "failed" and needle in results["error"] and "\n" not in results["error"]
+
+
+def test_nan_loss_stops_the_run_as_failed(make_cfg, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="lower target.lr"):
+        run(make_cfg, tmp_path, "target.lr=1e30", "source.epochs=1")
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "failed" and "training loss became" in results["error"]
+    assert results["metrics"] == {}
+    assert math.isfinite(results["provenance"]["wall_time_s"])
