@@ -36,6 +36,7 @@ def hydra_entry(cfg: DictConfig) -> None:
     from transferlab.errors import TransferlabError
     from transferlab.experiment import format_summary, run_experiment
 
+    quiet_third_party_logs()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -46,7 +47,17 @@ def hydra_entry(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"transferlab: error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"\n{cfg.name} (seed {cfg.seed}) → {run_dir}\n{format_summary(results)}\n")
+    print(f"\n{cfg.name} (seed {cfg.seed}) → {run_dir}\n{format_summary(results)}")
+    if (run_dir / "wandb").is_dir():
+        print(f"  W&B runs (offline): {run_dir / 'wandb'}  — upload: wandb sync {run_dir / 'wandb'}/offline-run-*")
+    print()
+
+
+def quiet_third_party_logs() -> None:
+    """Lightning's banners (GPU available, tips) are noise next to our summary; warnings stay."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -45,8 +45,10 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
             group=cfg.logger.group or cfg.name, job_type=stage, tags=list(cfg.logger.tags),
             name=f"{cfg.name}-{stage}-seed{cfg.seed}",
             config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True),
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
+        # Lightning always passes `anonymous`, which current W&B warns about on every run.
+        logger._wandb_init.pop("anonymous", None)
         logger.experiment  # start the run now, so a failure shows here and not mid-training
         return logger
     except Exception as e:  # noqa: BLE001  any W&B failure: keep going with the CSV log
