@@ -145,3 +145,9 @@ def test_nan_loss_stops_the_run_as_failed(make_cfg, tmp_path):
     assert results["status"] == "failed" and "training loss became" in results["error"]
     assert results["metrics"] == {}
     assert math.isfinite(results["provenance"]["wall_time_s"])
+
+
+def test_early_stopping_watches_target_validation(make_cfg, tmp_path):
+    m = run(make_cfg, tmp_path, "target.epochs=30", "target.early_stopping_patience=1", "target.lr=1e-1")["metrics"]
+    assert m["target/epochs_run"] < 30
+    assert m["target/best_epoch"] <= m["target/epochs_run"]
