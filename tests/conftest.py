@@ -28,5 +28,6 @@ def compose_config(overrides: list[str] | None = None):
 
 
 @pytest.fixture
-def make_cfg():
-    return lambda *overrides: compose_config(FAST + list(overrides))
+def make_cfg(tmp_path):
+    """Compose a fast config whose outputs (and stage cache) live under this test's tmp_path."""
+    return lambda *overrides: compose_config(FAST + [f"paths.output_root={tmp_path / 'outputs'}"] + list(overrides))

@@ -13,7 +13,7 @@ from transferlab.cli import CONF_DIR
 from transferlab.config import validate
 from transferlab.errors import ConfigError
 
-GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "trainer", "logger", "experiment", "debug"]
+GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "trainer", "logger", "cache", "experiment", "debug"]
 
 
 def all_options():

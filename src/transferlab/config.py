@@ -66,6 +66,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     progress_bar: bool = False
     gradient_clip_val: Optional[float] = None
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default, or shared fairly under joblib)
 
 
 class LoggerBackend(Enum):
@@ -92,6 +93,12 @@ class PathsConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str = "outputs/cache"
+
+
+@dataclass
 class Config:
     seed: int = 0
     name: str = "default"  # experiment name: W&B group and output folder
@@ -104,6 +111,9 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    force: bool = False  # rerun even if this run dir already holds a completed run of this config
+    optimized_metric: Optional[str] = None  # what a sweeper (Optuna) maximizes, e.g. target/val_acc
 
 
 COMPONENT_PACKAGES = {
@@ -126,6 +136,7 @@ def register_schemas() -> None:
     cs.store(group="schema", name="source", node=SourceConfig)
     cs.store(group="schema", name="trainer", node=TrainerConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
+    cs.store(group="schema", name="cache", node=CacheConfig)
     for group, package_name in COMPONENT_PACKAGES.items():
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):

@@ -13,34 +13,44 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.cache import StageCache
 from transferlab.config import validate
 from transferlab.data import make_transfer_data
 from transferlab.data.loaders import make_loader
 from transferlab.errors import ConfigError, TransferlabError
-from transferlab.results import git_state, package_versions, write_results
+from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
 from transferlab.stages.evaluate import accuracy
-from transferlab.stages.source import load_source_checkpoint, train_source
+from transferlab.stages.source import load_source_checkpoint, obtain_source, source_settings
 from transferlab.stages.target import train_target
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 256
+# Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
+# whether a run dir already holds this run.
+EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads")
 
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    previous = completed_run(run_dir, config)
+    if previous is not None and not cfg.force:
+        log.info("skipped: %s already holds a completed run of this config (force=true reruns it)", run_dir)
+        return {**previous, "skipped": True}
     started = time.time()
     sha, dirty = git_state()
     results = {
         "status": "running",
         "error": None,
         "metrics": {},
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "config": config,
         "provenance": {"git_sha": sha, "git_dirty": dirty, "versions": package_versions(),
                        "seed": cfg.seed, "wall_time_s": None},
     }
@@ -57,6 +67,38 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         results["provenance"]["wall_time_s"] = round(time.time() - started, 3)
         write_results(run_dir, results)
     return results
+
+
+def completed_run(run_dir: Path, config: dict) -> dict | None:
+    """The completed results already in `run_dir` for this same config, else None.
+
+    A completed run of a *different* config is never overwritten silently: that is an error.
+    """
+    if not (run_dir / RESULTS_FILE).is_file():
+        return None
+    try:
+        previous = read_results(run_dir)
+    except (OSError, ValueError):
+        return None  # unreadable: rerun and rewrite it
+    if previous.get("status") != "completed":
+        return None
+    if comparable(previous.get("config", {})) != comparable(config):
+        if config.get("force"):
+            return None
+        raise ConfigError(f"{run_dir} already holds a completed run of a different config; "
+                          "choose another hydra.run.dir / hydra.sweep.dir, or force=true to overwrite it")
+    return previous
+
+
+def comparable(config: dict) -> dict:
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for key in EXECUTION_KEYS:
+        section, _, name = key.partition(".")
+        if name and isinstance(config.get(section), dict):
+            config[section].pop(name, None)
+        elif not name:
+            config.pop(section, None)
+    return config
 
 
 def one_line(e: BaseException) -> str:
@@ -79,6 +121,9 @@ def source_mode(cfg) -> str:
 
 
 def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    cache = StageCache(cfg.cache.dir) if cfg.cache.enabled else None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     mode = source_mode(cfg)
     pool = build(cfg.data.dataset)
@@ -96,7 +141,7 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     if mode != "scratch":
         metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
         if mode == "train":
-            source_model, info = train_source(cfg, data, backbone, run_dir)
+            source_model, info = obtain_source(cfg, data, backbone, run_dir, cache)
         else:
             source_model, info = load_source_checkpoint(cfg, data, backbone)
         metrics.update(info)
@@ -104,10 +149,15 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["source/test_acc_before"] = accuracy(source_model, source_test)
         if regularizer.needs_source:
             started = time.time()
-            regularizer.prepare_from_source(source_model, make_loader(data.source.train, EVAL_BATCH, shuffle=False),
-                                            backbone)
-            metrics["time/fisher_s"] = round(time.time() - started, 3)
+            stats, hit = source_statistics(cfg, data, backbone, source_model, regularizer,
+                                           cache if mode == "train" else None)
+            regularizer.set_source_statistics(stats, backbone)
+            metrics["time/source_statistics_s"] = round(time.time() - started, 3)
+            metrics["cache/source_statistics_hit"] = hit
 
+    # The target stage starts from its own seed, so it is the same whether the source stage
+    # was trained just now, loaded from the cache, or skipped (scratch).
+    pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
     started = time.time()
     target_model, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
@@ -128,6 +178,27 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["params/trainable"] = count(target_model.head) + sum(
         count(block) for i, block in enumerate(backbone.blocks) if i not in always_frozen)
     return metrics
+
+
+def source_statistics(cfg, data, backbone, source_model, regularizer, cache: StageCache | None):
+    """The regularizer's statistics of the source stage (EWC's Fisher), cached when possible."""
+    loader = make_loader(data.source.train, EVAL_BATCH, shuffle=False)
+    if cache is None:
+        return regularizer.compute_source_statistics(source_model, loader, backbone), None
+    settings = {"source": source_settings(cfg, data), "regularizer": type(regularizer).__name__,
+                **regularizer.source_statistics_settings()}
+    shapes = {name: p.shape for name, p in backbone.named_parameters()}
+
+    def compute(folder: Path) -> None:
+        torch.save(regularizer.compute_source_statistics(source_model, loader, backbone), folder / "stats.pt")
+
+    def load(folder: Path):
+        stats = torch.load(folder / "stats.pt", map_location="cpu", weights_only=True)
+        if {k: v.shape for k, v in stats.items()} != shapes:
+            raise ValueError("statistics do not match the backbone's parameter shapes")
+        return stats
+
+    return cache.fetch("source_statistics", settings, compute, load)
 
 
 def format_summary(results: dict) -> str:

@@ -11,13 +11,26 @@ Tensors = list[torch.Tensor]
 class Regularizer(pl.Callback):
     """Subclasses implement `attach`, `add_penalty_grad_` and `penalty`."""
 
-    needs_source = False  # True: `prepare_from_source` must run before the target stage
+    needs_source = False  # True: source statistics must be set before the target stage
 
     def attach(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
         """Called when the target stage starts: take references and anchors."""
 
+    # -- statistics of the source stage (EWC's Fisher), computed once and cacheable ------------
+    def source_statistics_settings(self) -> dict:
+        """What, beyond the source stage itself, determines `compute_source_statistics`."""
+        return {}
+
+    def compute_source_statistics(self, model: torch.nn.Module, loader, backbone: torch.nn.Module
+                                  ) -> dict[str, torch.Tensor]:
+        """Called at the source weights, after the source stage. Keyed by backbone param name."""
+        return {}
+
+    def set_source_statistics(self, stats: dict[str, torch.Tensor], backbone: torch.nn.Module) -> None:
+        """Take the statistics (fresh or from the cache); the backbone holds the source weights."""
+
     def prepare_from_source(self, model: torch.nn.Module, loader, backbone: torch.nn.Module) -> None:
-        """Called once after the source stage, at the source weights (EWC's Fisher)."""
+        self.set_source_statistics(self.compute_source_statistics(model, loader, backbone), backbone)
 
     def add_penalty_grad_(self) -> None:
         """Add d(penalty)/dw to w.grad for every parameter that has a gradient this step."""

@@ -38,13 +38,24 @@ class EWC(Regularizer):
         self.normalize = getattr(normalize, "value", normalize)
         self.fisher: list[torch.Tensor] | None = None
 
-    def prepare_from_source(self, model, loader, backbone) -> None:
-        names = {id(p): name for name, p in model.named_parameters()}
-        shared = {names[id(p)]: p for p in backbone.parameters()}
+    def source_statistics_settings(self) -> dict:
+        return {"fisher": "true" if self.sample_labels else "empirical", "seed": self.seed if self.sample_labels else None}
+
+    def compute_source_statistics(self, model, loader, backbone) -> dict[str, torch.Tensor]:
+        """The raw diagonal Fisher of the source loss, for each backbone parameter by name."""
+        in_model = {id(p): name for name, p in model.named_parameters()}
+        shared = {in_model[id(p)]: p for p in backbone.parameters()}
         fisher = diagonal_fisher(model, shared, loader, sample_labels=self.sample_labels, seed=self.seed)
-        fisher = normalize_fisher(fisher, self.normalize)
-        self.fisher = [fisher[name] for name in shared]
-        self.anchors = [p.detach().clone() for p in shared.values()]
+        to_backbone = {in_model[id(p)]: name for name, p in backbone.named_parameters()}
+        return {to_backbone[name]: f for name, f in fisher.items()}
+
+    def set_source_statistics(self, stats, backbone) -> None:
+        named = dict(backbone.named_parameters())
+        if set(stats) != set(named) or any(stats[n].shape != p.shape for n, p in named.items()):
+            raise ValueError("EWC: the Fisher does not match the backbone's parameters")
+        fisher = normalize_fisher(stats, self.normalize)
+        self.fisher = [fisher[name] for name in named]
+        self.anchors = [p.detach().clone() for p in named.values()]
 
     def attach(self, backbone, head) -> None:
         if self.fisher is None:

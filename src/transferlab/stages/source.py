@@ -6,10 +6,14 @@ will fine-tune, so the source head can measure forgetting afterwards.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from transferlab.cache import StageCache
 
 from transferlab.data import TransferData
 from transferlab.data.loaders import make_loader
@@ -36,8 +40,49 @@ def train_source(cfg, data: TransferData, backbone, run_dir: Path) -> tuple[Task
         finish_loggers(loggers, exit_code=1)
         raise
     finish_loggers(loggers, exit_code=0)
-    save_source_checkpoint(run_dir / "checkpoints" / "source.pt", module, cfg, data)
     return module, {"source/val_acc": best.best_score, "source/best_epoch": best.best_epoch}
+
+
+def source_settings(cfg, data: TransferData) -> dict:
+    """Exactly what determines the source stage's result: its cache key. No target settings."""
+    d = cfg.data
+    return {
+        "stage": "source",
+        "dataset": OmegaConf.to_container(d.dataset, resolve=True),
+        "source_classes": list(d.source_classes),
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "source_train_size": d.source_train_size,
+        "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "source": {k: cfg.source[k] for k in ("epochs", "lr", "weight_decay", "batch_size")},
+        "seed": cfg.seed,
+        "trainer": {k: cfg.trainer[k] for k in ("precision", "deterministic", "gradient_clip_val")},
+    }
+
+
+def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: StageCache | None
+                  ) -> tuple[TaskModule, dict]:
+    """Train the source stage, or take it from the cache; either way the run dir gets its copy."""
+    run_checkpoint = run_dir / "checkpoints" / "source.pt"
+    if cache is None:
+        module, info = train_source(cfg, data, backbone, run_dir)
+        save_source_checkpoint(run_checkpoint, module, cfg, data)
+        return module, {**info, "cache/source_hit": None}
+
+    def compute(folder: Path) -> None:
+        module, info = train_source(cfg, data, backbone, run_dir)
+        save_source_checkpoint(folder / "source.pt", module, cfg, data)
+        (folder / "info.json").write_text(json.dumps(info))
+
+    def load(folder: Path):
+        module = load_source_file(folder / "source.pt", f"cache entry {folder}", cfg, data, backbone)
+        return module, json.loads((folder / "info.json").read_text()), folder / "source.pt"
+
+    (module, info, cached_file), hit = cache.fetch("source", source_settings(cfg, data), compute, load)
+    run_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached_file, run_checkpoint)
+    return module, {**info, "cache/source_hit": hit}
 
 
 def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferData) -> None:
@@ -56,12 +101,18 @@ def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferDa
 
 
 def load_source_checkpoint(cfg, data: TransferData, backbone) -> tuple[TaskModule, dict]:
+    """source=checkpoint: the source stage saved by an earlier run, at source.path."""
     where = f"source.path={cfg.source.path}"
     if not cfg.source.path:
         raise TransferlabError("source=checkpoint needs source.path=<checkpoints/source.pt of a source=train run>")
     path = Path(cfg.source.path)
     if not path.is_file():
         raise TransferlabError(f"{where}: file not found; point it at checkpoints/source.pt of a source=train run")
+    return load_source_file(path, where, cfg, data, backbone), {}
+
+
+def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) -> TaskModule:
+    """Load backbone + source head from `path`; `where` names it in error messages."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  torch raises many types for a damaged file
@@ -75,12 +126,16 @@ def load_source_checkpoint(cfg, data: TransferData, backbone) -> tuple[TaskModul
             f"source task is {data.dataset} classes {data.source.classes}; set data.source_classes to match"
         )
     head = classification_head(backbone.feature_dim, data.source.num_classes)
-    try:
-        backbone.load_state_dict(payload["backbone"])
-        head.load_state_dict(payload["head"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise TransferlabError(f"{where}: its weights do not fit backbone {cfg.backbone._target_} ({first}); "
-                               f"it was saved with backbone {payload['backbone_config']}") from e
-    module = TaskModule(backbone, head, task="source", lr=cfg.source.lr)
-    return module, {}
+    # Check every shape before touching the shared backbone: a half-loaded backbone would
+    # silently change what a retrained source stage starts from.
+    for module, state in ((backbone, payload["backbone"]), (head, payload["head"])):
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != found:
+            mismatch = sorted(set(expected.items()) ^ set(found.items()))[0]
+            raise TransferlabError(f"{where}: its weights do not fit backbone {cfg.backbone._target_} "
+                                   f"(first mismatch: {mismatch[0]} {mismatch[1]}); it was saved with backbone "
+                                   f"{payload['backbone_config']}")
+    backbone.load_state_dict(payload["backbone"])
+    head.load_state_dict(payload["head"])
+    return TaskModule(backbone, head, task="source", lr=cfg.source.lr)
