@@ -8,7 +8,7 @@ or, when a run has no overrides file, the config keys whose values differ across
 
 Per setting it reports the number of completed runs, the completed/failed/running counts, and for
 target/test_acc, target/val_acc, transfer/forgetting and transfer/gain the mean, the standard
-deviation (ddof=1) and the 95% confidence half-width t(0.975, n−1)·std/√n over completed runs.
+deviation (ddof=0) and the 95% confidence half-width t(0.975, n−1)·std/√n over completed runs.
 Null metrics (the forgetting of a scratch run) are skipped, not counted as 0; with one value the
 std and CI are NaN (blank), never 0.
 
@@ -36,6 +36,8 @@ import json
 import math
 import re
 import sys
+import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,7 @@ STATUSES = ["completed", "failed", "running"]
 NEGATIVE = "negative transfer"
 ALL_RUNS = "(all runs)"  # the label of the one setting of a sweep that varied only the seed
 NO_VALUE = "—"
+MISSING = object()  # a config key a run does not have
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,17 +134,20 @@ def override_value(override: str) -> str:
 
 def config_settings(configs: list[dict]) -> list[tuple[str, dict]]:
     flat = [flatten(config) for config in configs]
-    seeds = [config.get("seed") for config in configs]
-    keys = list(dict.fromkeys(key for leaves in flat for key in leaves))
-    swept = [key for key in keys if is_swept(key, [leaves.get(key, NO_VALUE) for leaves in flat], seeds)]
+    known = [(leaves, config.get("seed")) for leaves, config in zip(flat, configs) if leaves]  # not unreadable
+    keys = list(dict.fromkeys(key for leaves, _ in known for key in leaves))
+    swept = [key for key in keys
+             if is_swept(key, [leaves.get(key, MISSING) for leaves, _ in known], [seed for _, seed in known])]
     params = [{key: show(leaves[key]) for key in swept if key in leaves} for leaves in flat]
     return [(" ".join(f"{k}={v}" for k, v in p.items()), p) for p in params]
 
 
 def is_swept(key: str, values: list, seeds: list) -> bool:
+    """Differs across runs, and is not the seed: not `seed`, `name`, or a key that equals the
+    seed in every run that has it (regularizer.seed, interpolated from seed, exists only for EWC)."""
     if key in ("seed", "name") or len({canonical(v) for v in values}) < 2:
         return False
-    follows_seed = all(v == s and not isinstance(v, bool) for v, s in zip(values, seeds))
+    follows_seed = all(v == s and not isinstance(v, bool) for v, s in zip(values, seeds) if v is not MISSING)
     return not follows_seed
 
 
@@ -156,7 +162,7 @@ def flatten(node, prefix: str = "") -> dict:
 
 
 def canonical(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    return "<missing>" if value is MISSING else json.dumps(value, sort_keys=True, default=str)
 
 
 def show(value) -> str:
@@ -412,7 +418,7 @@ def draw_metric_by_key(ax, rows: list[dict], key: str, others: list[str], metric
         members.sort(key=lambda row: position[row["params"].get(key, NO_VALUE)])
         if not members:
             continue
-        label = " ".join(f"{k}={v}" for k, v in zip(others, combination)) or None
+        label = wrap(" ".join(f"{k}={v}" for k, v in zip(others, combination))) or None
         ax.errorbar([position[row["params"].get(key, NO_VALUE)] for row in members],
                     [row[metric]["mean"] for row in members],
                     yerr=[no_nan(row[metric]["ci"]) for row in members],
@@ -422,7 +428,7 @@ def draw_metric_by_key(ax, rows: list[dict], key: str, others: list[str], metric
         if len(positive) == len(position) and max(positive) / min(positive) >= 100:
             ax.set_xscale("log")
     else:
-        ax.set_xticks(list(position.values()), list(position.keys()))
+        ax.set_xticks(list(position.values()), [wrap(v) for v in position])
     if metric in ("transfer/gain", "transfer/forgetting"):
         ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel(key)
@@ -442,7 +448,7 @@ def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
     for i, row in enumerate(points):  # a legend, not annotations: settings often share a point
         x, y = row["transfer/forgetting"], row["target/test_acc"]
         ax.errorbar([x["mean"]], [y["mean"]], xerr=[no_nan(x["ci"])], yerr=[no_nan(y["ci"])],
-                    marker=MARKERS[i % len(MARKERS)], markersize=7, capsize=4, label=row["setting"])
+                    marker=MARKERS[i % len(MARKERS)], markersize=7, capsize=4, label=wrap(row["setting"]))
     ax.legend(fontsize="small")
     ax.set_xlabel("transfer/forgetting (mean ± 95% CI)")
     ax.set_ylabel("target/test_acc (mean ± 95% CI)")
@@ -455,7 +461,9 @@ MARKERS = "osD^vP*Xh<>p"
 
 def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # very long labels: a cramped plot, not a warning per plot
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     FigureCanvasAgg(fig).print_png(str(path))
     return path
 
@@ -470,6 +478,10 @@ def is_number(text: str) -> bool:
 def no_nan(value: float) -> float:
     """Error-bar length: no interval (n=1) draws no bar."""
     return 0.0 if math.isnan(value) else value
+
+
+def wrap(text: str, width: int = 40) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False))
 
 
 def slug(text: str) -> str:

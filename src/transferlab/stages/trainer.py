@@ -40,9 +40,11 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
         import wandb
         from pytorch_lightning.loggers import WandbLogger
 
+        sweep_group, sweep_tags = _sweep_identity()
         logger = WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
-            group=cfg.logger.group or cfg.name, job_type=stage, tags=list(cfg.logger.tags),
+            group=cfg.logger.group or sweep_group or cfg.name, job_type=stage,
+            tags=[*cfg.logger.tags, *sweep_tags],
             name=f"{cfg.name}-{stage}-seed{cfg.seed}",
             config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
@@ -55,6 +57,19 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
         log.warning("W&B logging disabled for the %s stage (%s: %s); the CSV log is still written",
                     stage, type(e).__name__, e)
         return None
+
+
+def _sweep_identity() -> tuple[str | None, list[str]]:
+    """Inside a Hydra multirun: the sweep's name (W&B group) and the job's swept settings (tags)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None, []
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    tags = [o[:64] for o in hydra_cfg.overrides.task]  # W&B caps a tag at 64 characters
+    return f"{sweep_dir.parent.name}-{sweep_dir.name}", tags
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
