@@ -92,7 +92,8 @@ def test_sweep_runs_every_job_in_its_own_directory(tmp_path):
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     result = transferlab("-m", "target.lr=-1,1e-2", *FAST[:2], cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1
+    assert "2 jobs, 1 completed" in result.stdout and "FAILED 0: target.lr=-1.0: must be > 0" in result.stdout
     runs = {r["config"]["target"]["lr"]: r for r in results_under(tmp_path / "out" / "multiruns")}
     assert runs[-1.0]["status"] == "failed" and "target.lr" in runs[-1.0]["error"]
     assert runs[0.01]["status"] == "completed"

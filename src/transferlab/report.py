@@ -8,7 +8,7 @@ or, when a run has no overrides file, the config keys whose values differ across
 
 Per setting it reports the number of completed runs, the completed/failed/running counts, and for
 target/test_acc, target/val_acc, transfer/forgetting and transfer/gain the mean, the standard
-deviation (ddof=0) and the 95% confidence half-width t(0.975, n−1)·std/√n over completed runs.
+deviation (ddof=1) and the 95% confidence half-width t(0.975, n−1)·std/√n over completed runs.
 Null metrics (the forgetting of a scratch run) are skipped, not counted as 0; with one value the
 std and CI are NaN (blank), never 0.
 
