@@ -55,6 +55,7 @@ NEGATIVE = "negative transfer"
 ALL_RUNS = "(all runs)"  # the label of the one setting of a sweep that varied only the seed
 NO_VALUE = "—"
 MISSING = object()  # a config key a run does not have
+MARKERS = "osD^vP*Xh<>p"  # one per setting in the trade-off plot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +411,8 @@ def plot_metrics_by_key(rows: list[dict], plot_dir: Path) -> list[Path]:
 def draw_metric_by_key(ax, rows: list[dict], key: str, others: list[str], metric: str) -> None:
     values = list(dict.fromkeys(row["params"].get(key, NO_VALUE) for row in rows))
     numeric = all(is_number(v) for v in values)
-    position = {v: float(v) if numeric else i for i, v in enumerate(sorted(values, key=float) if numeric else values)}
+    ordered = sorted(values, key=float) if numeric else values
+    position = {v: float(v) if numeric else i for i, v in enumerate(ordered)}  # value → x
     lines = dict.fromkeys(tuple(row["params"].get(k, NO_VALUE) for k in others) for row in rows)
     for combination in lines:
         members = [row for row in rows if row[metric]["n"] > 0
@@ -429,6 +431,7 @@ def draw_metric_by_key(ax, rows: list[dict], key: str, others: list[str], metric
             ax.set_xscale("log")
     else:
         ax.set_xticks(list(position.values()), [wrap(v) for v in position])
+        ax.set_xlim(-0.5, len(position) - 0.5)
     if metric in ("transfer/gain", "transfer/forgetting"):
         ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel(key)
@@ -454,9 +457,6 @@ def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
     ax.set_ylabel("target/test_acc (mean ± 95% CI)")
     ax.set_title("Forgetting vs target accuracy")
     return [save(fig, plot_dir / "tradeoff_forgetting_vs_target_test_acc.png")]
-
-
-MARKERS = "osD^vP*Xh<>p"
 
 
 def save(fig: Figure, path: Path) -> Path:

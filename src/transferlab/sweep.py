@@ -40,7 +40,7 @@ class SweepSummary(Callback):
                 from transferlab.report import write_report
 
                 written = write_report(sweep_dir)
-                print(f"  report: {written.get('markdown', sweep_dir / 'report.md')}")
+                print(f"  report: {sweep_dir / 'report.md'} ({len(written)} files)")
             except Exception as e:  # noqa: BLE001  a report problem must not hide the sweep's outcome
                 log.warning("could not write the report for %s: %s: %s", sweep_dir, type(e).__name__, e)
         if failed:
