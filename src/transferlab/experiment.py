@@ -140,11 +140,13 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     source_model = None
     if mode != "scratch":
         metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
+        started = time.time()
         if mode == "train":
             source_model, info = obtain_source(cfg, data, backbone, run_dir, cache)
         else:
             source_model, info = load_source_checkpoint(cfg, data, backbone)
         metrics.update(info)
+        metrics["time/source_s"] = round(time.time() - started, 3)
         source_test = make_loader(data.source.test, EVAL_BATCH, shuffle=False)
         metrics["source/test_acc_before"] = accuracy(source_model, source_test)
         if regularizer.needs_source:
