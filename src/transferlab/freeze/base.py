@@ -10,6 +10,8 @@ from transferlab.errors import ConfigError
 class FreezePolicy(pl.Callback):
     """Subclasses say which blocks are frozen in an epoch; this class applies it."""
 
+    active = True  # False: never freezes anything, so the stage leaves it out of the callbacks
+
     def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
         raise NotImplementedError
 

@@ -13,5 +13,7 @@ class Config:
 
 
 class FullFinetune(FreezePolicy):
+    active = False
+
     def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
         return set()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from transferlab.stages.module import log_to_loggers
+
 Tensors = list[torch.Tensor]
 
 
@@ -12,6 +14,7 @@ class Regularizer(pl.Callback):
     """Subclasses implement `attach`, `add_penalty_grad_` and `penalty`."""
 
     needs_source = False  # True: source statistics must be set before the target stage
+    active = True  # False: adds nothing, so the stage leaves it out of the callbacks
 
     def attach(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
         """Called when the target stage starts: take references and anchors."""
@@ -48,8 +51,9 @@ class Regularizer(pl.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (trainer.global_step - 1) % trainer.log_every_n_steps == 0:
-            pl_module.log(f"{pl_module.task}/penalty", self.penalty())
+        step = trainer.global_step - 1  # the step that just ran
+        if trainer.loggers and step % trainer.log_every_n_steps == 0:
+            log_to_loggers(trainer, {f"{pl_module.task}/penalty": float(self.penalty())}, step)
 
 
 def with_grads(params: Tensors, *others: Tensors) -> tuple[Tensors, ...]:

@@ -13,5 +13,4 @@ class Config:
 
 
 class NoRegularizer(Regularizer):
-    def on_train_batch_end(self, *args, **kwargs) -> None:  # nothing to log
-        pass
+    active = False

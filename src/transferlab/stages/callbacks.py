@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytorch_lightning as pl
 
 
@@ -27,7 +25,7 @@ class KeepBestWeights(pl.Callback):
         score = float(score)
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch
-            self._best_state = copy.deepcopy(pl_module.state_dict())
+            self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         if self._best_state is not None:

@@ -10,6 +10,14 @@ from torch import nn
 from transferlab.errors import NonFiniteLossError
 
 
+def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Per-step metrics straight to the loggers. `self.log` costs ~0.4-1 ms a call on CPU (its
+    result-collection bookkeeping), a fifth of a small model's step; per-epoch metrics that
+    callbacks read (val_acc for selection, early stopping) still go through `self.log`."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
 class TaskModule(pl.LightningModule):
     """`task` ("source" / "target") prefixes every logged metric."""
 
@@ -38,18 +46,31 @@ class TaskModule(pl.LightningModule):
         return self
 
     # -- steps ----------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # Our batches are (x, y) tensors: skip Lightning's generic walk over the collection.
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
+        self._last_loss = loss.detach()
+        # Checked (a host sync) on logging steps and at epoch end only: a NaN loss poisons the
+        # weights, so every later loss is NaN too and is caught at the next check.
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite(self._last_loss)
+            log_to_loggers(self.trainer, {f"{self.task}/train_loss": float(self._last_loss)}, self.global_step)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite(self._last_loss)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"{self.task} stage: training loss became {loss.item()} at epoch {self.current_epoch}, "
                 f"step {self.global_step}; lower {self.task}.lr or check the data"
             )
-        # self.log costs ~1.5 ms a call on CPU: log only on the steps the logger keeps.
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log(f"{self.task}/train_loss", loss.detach())
-        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

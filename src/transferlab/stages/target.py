@@ -25,7 +25,8 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     module = TaskModule(backbone, head, task="target", lr=cfg.target.lr, weight_decay=cfg.target.weight_decay,
                         lr_scales=freeze.lr_scales(len(backbone.blocks)))
     best = KeepBestWeights("target/val_acc")
-    callbacks = [freeze, regularizer, best]
+    # No-op policies stay out: Lightning calls every hook of every callback on every step.
+    callbacks = [c for c in (freeze, regularizer) if c.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("target/val_acc", mode="max", patience=cfg.target.early_stopping_patience))
     loggers = make_loggers(cfg, run_dir, "target") if loggers is None else loggers
