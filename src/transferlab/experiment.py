@@ -15,7 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cache import StageCache
@@ -130,6 +130,11 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     pool = build(cfg.data.dataset)
     has_source = mode in ("train", "checkpoint")
     data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source)
+    reads_text = getattr(get_class(cfg.backbone._target_), "reads_text", False)
+    if data.is_text != reads_text:
+        raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
+                          f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
+                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze = build(cfg.freeze)
     regularizer = build(cfg.regularizer)
@@ -143,14 +148,9 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
                           f"{cfg.backbone._target_} starts from random weights: use source=scratch")
     if mode == "scratch" and pretrained:
         backbone.reset_parameters()  # the no-transfer baseline starts from random weights
-    tokenizer = getattr(backbone, "tokenizer", None)
-    if data.is_text != (tokenizer is not None):
-        raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
-                          f"{cfg.backbone._target_} {'has no' if data.is_text else 'is a'} tokenizer: "
-                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
     if data.is_text:
         started = time.time()
-        data = tokenize_transfer_data(data, tokenizer, cfg.data.max_length)  # once per run, not per epoch
+        data = tokenize_transfer_data(data, backbone.tokenizer, cfg.data.max_length)  # once per run, not per epoch
         log.info("tokenized in %.1f s", time.time() - started)
 
     metrics: dict = {f"data/target_{k}_size": v for k, v in data.target.sizes().items()}

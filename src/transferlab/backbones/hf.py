@@ -67,6 +67,7 @@ def quiet_transformers(transformers):
 
 class HFEncoder(Backbone):
     pretrained = True  # its weights at construction are a meaningful starting point (source=pretrained)
+    reads_text = True
     option = "hf"
 
     def __init__(self, name: str, pooling: str = "mean", num_layers: Optional[int] = None,
