@@ -222,3 +222,13 @@ def test_scratch_reinitializes_a_pretrained_backbone():
     backbone.reset_parameters()
     after = backbone.blocks[1].attention.self.query.weight
     assert not torch.equal(before, after) and abs(float(after.std()) - 0.02) < 0.005
+
+
+def test_hf_backbone_loads_a_local_folder_and_fails_cleanly_without_one(tmp_path):
+    encoder = HFEncoder(minilm_path(), num_layers=1, pooling="cls")
+    assert encoder.num_blocks == 2 and encoder.feature_dim == 384 and encoder.tokenizer is not None
+    with pytest.raises(TransferlabError) as info:
+        run_experiment(tweets_cfg(tmp_path, "backbone=hf", "backbone.name=no-such-org/no-such-encoder"), tmp_path / "run")
+    assert "backbone.name=no-such-org/no-such-encoder" in str(info.value)
+    results = read_results(tmp_path / "run")
+    assert results["status"] == "failed" and "\n" not in results["error"]
