@@ -221,7 +221,7 @@ def test_scratch_reinitializes_a_pretrained_backbone():
     before = backbone.blocks[1].attention.self.query.weight.clone()
     backbone.reset_parameters()
     after = backbone.blocks[1].attention.self.query.weight
-    assert not torch.equal(before, after) and abs(float(after.std()) - 0.02) < 0.005
+    assert not torch.equal(before, after) and abs(float(after.detach().std()) - 0.02) < 0.005
 
 
 def test_hf_backbone_loads_a_local_folder_and_fails_cleanly_without_one(tmp_path):
