@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub in tests
 
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402

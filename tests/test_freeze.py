@@ -94,3 +94,26 @@ def test_always_frozen_is_what_every_epoch_freezes():
     assert LinearProbeThenFinetune(probe_epochs=2).always_frozen(3, epochs=4) == set()
     assert PartialFreeze(k=2).always_frozen(3, epochs=4) == {0, 1}
     assert LinearProbe().always_frozen(3, epochs=1) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("decay", [0.8, 0.5])
+def test_llrd_param_group_lrs_follow_the_formula(decay):
+    from transferlab.freeze.llrd import LayerwiseLRDecay
+
+    backbone = SmallCNN((1, 8, 8), channels=[4, 4, 4, 4])
+    policy = LayerwiseLRDecay(decay)
+    policy.check(backbone.num_blocks, epochs=1)
+    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), task="target", lr=0.01,
+                        lr_scales=policy.lr_scales(backbone.num_blocks))
+    groups = module.configure_optimizers().param_groups
+    max_depth = backbone.num_blocks  # the head
+    expected = [0.01 * decay ** (max_depth - depth) for depth in range(backbone.num_blocks)] + [0.01]
+    assert [g["lr"] for g in groups] == pytest.approx(expected)
+    assert [g["name"] for g in groups][-1] == "head" and policy.always_frozen(4, 3) == set()
+
+
+def test_llrd_decay_out_of_range_names_the_key():
+    from transferlab.freeze.llrd import LayerwiseLRDecay
+
+    with pytest.raises(ConfigError, match=r"freeze.decay=1.5"):
+        LayerwiseLRDecay(1.5).check(3, 1)

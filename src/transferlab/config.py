@@ -30,12 +30,18 @@ class DataConfig:
     source_train_size: Optional[int] = None  # cap on source training examples (None: all)
     target_train_size: Optional[int] = None  # the label budget on the target (None: all)
     split_seed: Optional[int] = None  # None: follow `seed`, so each seed draws its own split
+    # A domain split (text: airline → other tweets): when given, tasks are cut by domain and
+    # both keep the classes listed above (which may then be the same). Empty: a class split.
+    source_domains: List[str] = field(default_factory=list)
+    target_domains: List[str] = field(default_factory=list)
+    max_length: int = 128  # text only: tokens kept per example
 
 
 class SourceMode(Enum):
     train = "train"  # train backbone + source head on the source task
     scratch = "scratch"  # no source stage: the no-transfer baseline
     checkpoint = "checkpoint"  # load a source stage saved by an earlier run
+    pretrained = "pretrained"  # no source stage: the backbone's pretrained weights are the start (and L2-SP's anchor)
 
 
 @dataclass
@@ -172,14 +178,27 @@ def validate(cfg) -> None:
         raise ConfigError("data.target_classes is empty: list at least two target classes")
     if len(set(tgt)) < 2:
         raise ConfigError(f"data.target_classes={tgt}: needs at least two distinct classes")
-    uses_source = str(getattr(cfg.source.mode, "value", cfg.source.mode)) != "scratch"
+    uses_source = str(getattr(cfg.source.mode, "value", cfg.source.mode)) in ("train", "checkpoint")
+    src_domains, tgt_domains = list(cfg.data.source_domains), list(cfg.data.target_domains)
+    domain_split = bool(src_domains or tgt_domains)
+    if domain_split:
+        # A domain split: the tasks differ in domain, so sharing classes is the point.
+        if not tgt_domains:
+            raise ConfigError("data.target_domains is empty but data.source_domains is set: list the target domains")
+        if uses_source and not src_domains:
+            raise ConfigError("data.source_domains is empty but data.target_domains is set: list the source domains "
+                              "(or use source=scratch / source=pretrained)")
+        overlap = sorted(set(src_domains) & set(tgt_domains))
+        if uses_source and overlap:
+            raise ConfigError(f"data.source_domains and data.target_domains overlap on {overlap}: "
+                              "a domain split must be disjoint")
     if uses_source and len(set(src)) < 2:
         raise ConfigError(
             f"data.source_classes={src}: needs at least two distinct classes "
-            "(or use source=scratch for the no-transfer baseline)"
+            "(or use source=scratch for the no-transfer baseline, source=pretrained for a pretrained backbone)"
         )
     overlap = sorted(set(src) & set(tgt))
-    if uses_source and overlap:
+    if uses_source and overlap and not domain_split:
         raise ConfigError(
             f"data.source_classes and data.target_classes overlap on {overlap}: "
             "a class split must be disjoint"
@@ -192,5 +211,7 @@ def validate(cfg) -> None:
         value = cfg.data[key]
         if value is not None and value < 1:
             raise ConfigError(f"data.{key}={value}: must be >= 1 (or null for all)")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"data.max_length={cfg.data.max_length}: must be >= 2 (room for the special tokens)")
     if cfg.trainer.log_every_n_steps < 1:
         raise ConfigError(f"trainer.log_every_n_steps={cfg.trainer.log_every_n_steps}: must be >= 1")

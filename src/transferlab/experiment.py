@@ -15,13 +15,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cache import StageCache
 from transferlab.config import validate
 from transferlab.data import make_transfer_data
 from transferlab.data.loaders import make_loader
+from transferlab.data.text import tokenize_transfer_data
 from transferlab.errors import ConfigError, TransferlabError
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
 from transferlab.stages.evaluate import accuracy
@@ -127,18 +128,34 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     mode = source_mode(cfg)
     pool = build(cfg.data.dataset)
-    data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=mode != "scratch")
+    has_source = mode in ("train", "checkpoint")
+    data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source)
+    reads_text = getattr(get_class(cfg.backbone._target_), "reads_text", False)
+    if data.is_text != reads_text:
+        raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
+                          f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
+                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze = build(cfg.freeze)
     regularizer = build(cfg.regularizer)
     freeze.check(backbone.num_blocks, cfg.target.epochs)
-    if regularizer.needs_source and mode == "scratch":
-        raise ConfigError("regularizer=ewc needs a source stage to estimate its Fisher: "
-                          "use source=train or source=checkpoint, or another regularizer with source=scratch")
+    if regularizer.needs_source and not has_source:
+        raise ConfigError(f"regularizer=ewc needs a source stage to estimate its Fisher, and source={mode} has none: "
+                          "use source=train or source=checkpoint, or another regularizer (e.g. l2sp)")
+    pretrained = getattr(backbone, "pretrained", False)
+    if mode == "pretrained" and not pretrained:
+        raise ConfigError(f"source=pretrained needs a pretrained backbone (e.g. backbone=minilm); "
+                          f"{cfg.backbone._target_} starts from random weights: use source=scratch")
+    if mode == "scratch" and pretrained:
+        backbone.reset_parameters()  # the no-transfer baseline starts from random weights
+    if data.is_text:
+        started = time.time()
+        data = tokenize_transfer_data(data, backbone.tokenizer, cfg.data.max_length)  # once per run, not per epoch
+        log.info("tokenized in %.1f s", time.time() - started)
 
     metrics: dict = {f"data/target_{k}_size": v for k, v in data.target.sizes().items()}
     source_model = None
-    if mode != "scratch":
+    if has_source:
         metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
         started = time.time()
         if mode == "train":

@@ -194,7 +194,7 @@ def pairing_key(run: dict) -> str:
     """Same target data, backbone, label budget and seed."""
     config = run["config"]
     data = config.get("data") or {}
-    target_data = {k: v for k, v in data.items() if k not in ("source_classes", "source_train_size")}
+    target_data = {k: v for k, v in data.items() if k not in ("source_classes", "source_domains", "source_train_size")}
     return canonical([target_data, config.get("backbone"), data.get("target_train_size"), config.get("seed")])
 
 

@@ -4,6 +4,7 @@
   index and give blocks their own learning rates; optimizers get one param group per block.
 - ``feature_dim``: the width of the features a head reads.
 - ``forward(x)``: runs the blocks, then ``pool`` (parameter-free), returning ``(N, feature_dim)``.
+  For text encoders ``x`` is a dict (input_ids, attention_mask) and the backbone has a ``tokenizer``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 class Backbone(nn.Module):
     blocks: nn.ModuleList
     feature_dim: int
+    reads_text = False  # True: forward takes a dict of token tensors and the backbone has a `tokenizer`
+    pretrained = False  # True: its initial weights are pretrained (source=pretrained starts from them)
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,13 +10,22 @@ import numpy as np
 
 @dataclass
 class LabelledPool:
-    x_train: np.ndarray  # float32, (N, *input_shape)
+    x_train: np.ndarray  # float32 (N, *input_shape), or an object array of N strings (text)
     y_train: np.ndarray  # int64 original class ids
     x_test: Optional[np.ndarray]  # None: the dataset has no official test split
     y_test: Optional[np.ndarray]
     class_names: list[str]
     name: str
+    # Optional domain of each example (an index into domain_names): lets a task be cut by
+    # domain (data.source_domains / target_domains) instead of by class.
+    domain_train: Optional[np.ndarray] = None
+    domain_test: Optional[np.ndarray] = None
+    domain_names: Optional[list[str]] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_text(self) -> bool:
+        return self.x_train.dtype == object

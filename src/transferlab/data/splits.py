@@ -1,10 +1,11 @@
-"""One split logic for every dataset: class split into source/target tasks, seeded
-train/val/test splits, and the label budget. Labels are renumbered 0..k-1 per task, in the
-order the classes are listed in the config."""
+"""One split logic for every dataset: source/target tasks cut by class (digits 0-4 → 5-9) or, when
+`data.source_domains` / `target_domains` are given, by domain with the same classes (airline →
+other tweets); then seeded train/val/test splits and the label budget. Labels are renumbered
+0..k-1 per task, in the order the classes are listed in the config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,9 +20,11 @@ from transferlab.errors import ConfigError
 class TaskSplits:
     name: str  # "source" or "target"
     classes: list[int]  # original class ids; label i means classes[i]
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    # (x, y): x a tensor, or for text first an array of strings, then Tokens (data/text.py)
+    train: tuple
+    val: tuple
+    test: tuple
+    domains: list[str] = field(default_factory=list)  # empty: every domain (a class split)
 
     @property
     def num_classes(self) -> int:
@@ -37,10 +40,14 @@ class TransferData:
     target: TaskSplits
     input_shape: tuple[int, ...]
     dataset: str
+    is_text: bool = False
 
 
-def _select(x: np.ndarray, y: np.ndarray, classes: Sequence[int]):
+def _select(x: np.ndarray, y: np.ndarray, classes: Sequence[int], domain: Optional[np.ndarray] = None,
+            domain_ids: Sequence[int] = ()):
     keep = np.isin(y, classes)
+    if domain_ids:
+        keep &= np.isin(domain, domain_ids)
     remap = {c: i for i, c in enumerate(classes)}
     return x[keep], np.array([remap[c] for c in y[keep]], dtype=np.int64)
 
@@ -53,7 +60,21 @@ def _split(x, y, fraction_or_size, seed: int):
     return train_test_split(x, y, test_size=fraction_or_size, random_state=seed, stratify=stratify)
 
 
+def _domain_ids(pool: LabelledPool, name: str, domains: list[str]) -> list[int]:
+    if not domains:
+        return []
+    if not pool.domain_names:
+        raise ConfigError(f"data.{name}_domains: {pool.name} has no domains; leave it empty (a class split)")
+    unknown = [d for d in domains if d not in pool.domain_names]
+    if unknown:
+        raise ConfigError(f"data.{name}_domains: '{unknown[0]}' is not a domain of {pool.name} "
+                          f"(domains: {', '.join(pool.domain_names)})")
+    return [pool.domain_names.index(d) for d in domains]
+
+
 def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed: int) -> TaskSplits:
+    domains = list(data_cfg[f"{name}_domains"])
+    domain_ids = _domain_ids(pool, name, domains)
     present = set(np.unique(pool.y_train).tolist())
     absent = [c for c in classes if c not in present]
     if absent:
@@ -64,9 +85,9 @@ def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed
     rng = np.random.default_rng(seed)
     draw = lambda: int(rng.integers(2**31 - 1))  # noqa: E731  one independent stream per cut
 
-    x, y = _select(pool.x_train, pool.y_train, classes)
+    x, y = _select(pool.x_train, pool.y_train, classes, pool.domain_train, domain_ids)
     if pool.x_test is not None:
-        x_test, y_test = _select(pool.x_test, pool.y_test, classes)
+        x_test, y_test = _select(pool.x_test, pool.y_test, classes, pool.domain_test, domain_ids)
     else:
         x, x_test, y, y_test = _split(x, y, data_cfg.test_fraction, draw())
     x_train, x_val, y_train, y_val = _split(x, y, data_cfg.val_fraction, draw())
@@ -81,9 +102,11 @@ def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed
         if budget < len(y_train):
             x_train, _, y_train, _ = _split(x_train, y_train, len(y_train) - budget, draw())
 
-    as_tensors = lambda a, b: (torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(b))  # noqa: E731
+    def as_tensors(x, y):  # text stays an array of strings until it meets the tokenizer
+        return (x if pool.is_text else torch.from_numpy(np.ascontiguousarray(x))), torch.from_numpy(y)
+
     return TaskSplits(name, list(classes), as_tensors(x_train, y_train), as_tensors(x_val, y_val),
-                      as_tensors(x_test, y_test))
+                      as_tensors(x_test, y_test), domains)
 
 
 def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True) -> TransferData:
@@ -93,4 +116,4 @@ def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: boo
     if with_source:
         source = _make_task(pool, "source", list(data_cfg.source_classes), data_cfg, seed=split_seed * 2)
     target = _make_task(pool, "target", list(data_cfg.target_classes), data_cfg, seed=split_seed * 2 + 1)
-    return TransferData(source, target, pool.input_shape, pool.name)
+    return TransferData(source, target, pool.input_shape, pool.name, pool.is_text)

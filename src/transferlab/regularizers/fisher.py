@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
 
 def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: Iterable,
@@ -28,7 +29,8 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     generator = torch.Generator().manual_seed(seed)
 
     def sample_loss(weights, x, y):
-        logits = functional_call(model, weights, (x.unsqueeze(0),))
+        # x: one example (a tensor, or a dict of tensors for text): give it a batch axis back.
+        logits = functional_call(model, weights, (tree_map(lambda t: t.unsqueeze(0), x),))
         return F.cross_entropy(logits, y.unsqueeze(0))
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))

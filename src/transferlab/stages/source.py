@@ -46,7 +46,7 @@ def train_source(cfg, data: TransferData, backbone, run_dir: Path) -> tuple[Task
 def source_settings(cfg, data: TransferData) -> dict:
     """Exactly what determines the source stage's result: its cache key. No target settings."""
     d = cfg.data
-    return {
+    settings = {
         "stage": "source",
         "dataset": OmegaConf.to_container(d.dataset, resolve=True),
         "source_classes": list(d.source_classes),
@@ -59,6 +59,9 @@ def source_settings(cfg, data: TransferData) -> dict:
         "seed": cfg.seed,
         "trainer": {k: cfg.trainer[k] for k in ("precision", "deterministic", "gradient_clip_val")},
     }
+    if data.is_text or d.source_domains:  # only then: earlier cache keys stay valid
+        settings.update(source_domains=list(d.source_domains), max_length=d.max_length)
+    return settings
 
 
 def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: StageCache | None
@@ -92,6 +95,7 @@ def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferDa
         "backbone": module.backbone.state_dict(),
         "head": module.head.state_dict(),
         "source_classes": list(data.source.classes),
+        "source_domains": list(data.source.domains),
         "dataset": data.dataset,
         "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
     }
@@ -120,10 +124,13 @@ def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) 
                                "not a transferlab checkpoint: re-run the source stage") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TransferlabError(f"{where}: not a transferlab source checkpoint ({CHECKPOINT_FORMAT})")
-    if list(payload["source_classes"]) != list(data.source.classes) or payload["dataset"] != data.dataset:
+    saved_domains = list(payload.get("source_domains", []))
+    if (list(payload["source_classes"]) != list(data.source.classes) or payload["dataset"] != data.dataset
+            or saved_domains != list(data.source.domains)):
         raise TransferlabError(
-            f"{where}: saved for {payload['dataset']} classes {payload['source_classes']}, but this run's "
-            f"source task is {data.dataset} classes {data.source.classes}; set data.source_classes to match"
+            f"{where}: saved for {payload['dataset']} classes {payload['source_classes']} domains {saved_domains}, "
+            f"but this run's source task is {data.dataset} classes {data.source.classes} domains "
+            f"{data.source.domains}; set data.source_classes / data.source_domains to match"
         )
     head = classification_head(backbone.feature_dim, data.source.num_classes)
     # Check every shape before touching the shared backbone: a half-loaded backbone would

@@ -1,0 +1,129 @@
+"""Any BERT-style Hugging Face encoder (embeddings + encoder.layer), loaded without a network.
+
+`backbone=hf backbone.name=<hub id or local folder>`. Blocks are [embeddings, layer 0, ..., layer
+n-1], so freeze policies, per-block learning rates and L2-SP see the transformer like any other
+backbone; the model's own pooler is dropped (the head reads `pooling` of the last layer).
+The backbone carries its tokenizer (`backbone.tokenizer`): the data is tokenized with it once
+per run (see data/text.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from transferlab.backbones.base import Backbone
+from transferlab.errors import ConfigError, TransferlabError
+
+NLP_EXTRA = "pip install -e '.[nlp]'"
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class Config:
+    _target_: str = MISSING
+    name: str = MISSING  # a hub id (e.g. bert-base-uncased, from the local HF cache) or a local folder
+    pooling: str = "mean"  # cls: the first token; mean: average over the attention mask
+    num_layers: Optional[int] = None  # load only the first n layers (None: all); 1 makes tests fast
+    # None: follow HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. True never touches the network, so a
+    # missing model fails at once instead of retrying a download that cannot succeed.
+    local_files_only: Optional[bool] = None
+
+
+def import_transformers(option: str):
+    try:
+        import transformers
+    except ImportError as e:
+        raise TransferlabError(f"backbone={option} needs the NLP packages ({e.name} is missing): {NLP_EXTRA}") from None
+    return transformers
+
+
+def offline_by_environment() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@contextlib.contextmanager
+def quiet_transformers(transformers):
+    """Loading fewer layers than saved reports every unused weight; that is intended here."""
+    logging = transformers.utils.logging
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+class HFEncoder(Backbone):
+    pretrained = True  # its weights at construction are a meaningful starting point (source=pretrained)
+    reads_text = True
+    option = "hf"
+
+    def __init__(self, name: str, pooling: str = "mean", num_layers: Optional[int] = None,
+                 local_files_only: Optional[bool] = None, input_shape=None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"backbone.pooling={pooling}: choose one of {', '.join(POOLINGS)}")
+        if num_layers is not None and num_layers < 1:
+            raise ConfigError(f"backbone.num_layers={num_layers}: must be >= 1 (or null for all)")
+        transformers = import_transformers(self.option)
+        local = Path(name).is_dir()
+        offline = local or (offline_by_environment() if local_files_only is None else local_files_only)
+        extra = {} if num_layers is None else {"num_hidden_layers": num_layers}
+        try:
+            with quiet_transformers(transformers):
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=offline)
+                model = transformers.AutoModel.from_pretrained(name, local_files_only=offline, **extra)
+        except (OSError, ValueError) as e:
+            where = "the local folder" if local else ("the local HF cache (offline)" if offline else "the hub")
+            raise TransferlabError(f"backbone.name={name}: cannot load an encoder from {where} "
+                                   f"({type(e).__name__}); point it at a local model folder") from None
+        layers = getattr(getattr(model, "encoder", None), "layer", None)
+        if not hasattr(model, "embeddings") or not isinstance(layers, nn.ModuleList):
+            raise ConfigError(f"backbone.name={name}: {type(model).__name__} is not a BERT-style encoder "
+                              "(embeddings + encoder.layer); use a BERT/RoBERTa/MiniLM/ELECTRA model")
+        if num_layers is not None and num_layers > len(layers):
+            raise ConfigError(f"backbone.num_layers={num_layers}: {name} has only {len(layers)} layers")
+        self.name, self.pooling = name, pooling
+        self.model_config = model.config
+        self.blocks = nn.ModuleList([model.embeddings, *layers])
+        self.feature_dim = model.config.hidden_size
+        self.train()  # from_pretrained returns eval mode; Lightning decides from here on
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        hidden = self.blocks[0](input_ids=batch["input_ids"])
+        # Additive mask, broadcast over heads and query positions (what BertModel builds for
+        # its attention layers): padded keys get the dtype's minimum, i.e. zero attention.
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.blocks[1:]:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init as BERT does it (source=scratch: the no-transfer baseline)."""
+        std = self.model_config.initializer_range
+        for module in self.blocks.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
