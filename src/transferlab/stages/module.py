@@ -47,9 +47,14 @@ class TaskModule(pl.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        # Our batches are (x, y) tensors: skip Lightning's generic walk over the collection.
+        # Our batches are (x, y): x a tensor (images) or a dict of tensors (tokenized text).
+        # Moving them directly skips Lightning's generic walk over the collection.
         x, y = batch
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if isinstance(x, dict):
+            x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
+        else:
+            x = x.to(device, non_blocking=True)
+        return x, y.to(device, non_blocking=True)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
