@@ -191,11 +191,9 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,
                         "transfer/forgetting": None})
 
-    always_frozen = freeze.always_frozen(backbone.num_blocks, cfg.target.epochs)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     metrics["params/total"] = count(backbone) + count(target_model.head)
-    metrics["params/trainable"] = count(target_model.head) + sum(
-        count(block) for i, block in enumerate(backbone.blocks) if i not in always_frozen)
+    metrics["params/trainable"] = count(target_model.head) + freeze.trainable_backbone_params(backbone, cfg.target.epochs)
     return metrics
 
 
