@@ -117,3 +117,64 @@ def test_llrd_decay_out_of_range_names_the_key():
 
     with pytest.raises(ConfigError, match=r"freeze.decay=1.5"):
         LayerwiseLRDecay(1.5).check(3, 1)
+
+
+# -- BitFit ----------------------------------------------------------------------------------------
+def test_bitfit_moves_only_biases_and_hands_the_backbone_back_trainable():
+    from transferlab.freeze.bitfit import BitFit
+
+    backbone, states = fit(BitFit())
+    params = dict(backbone.named_parameters())
+    biases = {k for k in params if k.endswith(".bias")}
+    assert biases and len(biases) < len(params)
+    assert moved(states, 0, -1, params) == biases  # every bias moved, no other weight did
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_bitfit_counts_biases_and_head_as_trainable(make_cfg, tmp_path):
+    from transferlab.experiment import run_experiment
+
+    cfg = make_cfg("freeze=bitfit", "source=scratch", "target.epochs=1")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    backbone = instantiate(cfg.backbone, input_shape=(1, 8, 8))
+    biases = sum(m_.bias.numel() for m_ in backbone.modules() if getattr(m_, "bias", None) is not None)
+    head = backbone.feature_dim * 5 + 5
+    assert m["params/trainable"] == biases + head < m["params/total"]
+
+
+# -- gradual unfreezing (ULMFiT) -------------------------------------------------------------------
+def test_gradual_unfreezes_one_block_per_epoch_from_the_top():
+    from transferlab.freeze.gradual import GradualUnfreeze
+
+    policy = GradualUnfreeze(lr_factor=2.6)
+    assert [policy.frozen_blocks(e, 3) for e in range(4)] == [{0, 1}, {0}, set(), set()]
+    assert policy.always_frozen(3, epochs=2) == {0}  # block 0 never joins in 2 epochs
+    backbone, states = fit(policy, epochs=3)  # 3 blocks: SmallCNN(channels=[8, 16, 16])
+    for epoch in range(3):
+        frozen = policy.frozen_blocks(epoch, 3)
+        for i in range(3):
+            keys = block_keys(backbone, i)
+            # state at the start of `epoch` vs the start of the next (or fit end)
+            assert moved(states, epoch, epoch + 1, keys) == (set() if i in frozen else set(keys)), (epoch, i)
+
+
+@pytest.mark.parametrize("factor", [2.6, 1.5])
+def test_gradual_param_group_lrs_follow_the_formula(factor):
+    from transferlab.freeze.gradual import GradualUnfreeze
+
+    backbone = SmallCNN((1, 8, 8), channels=[4, 4, 4, 4])
+    policy = GradualUnfreeze(factor)
+    policy.check(backbone.num_blocks, epochs=1)
+    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), task="target", lr=0.01,
+                        lr_scales=policy.lr_scales(backbone.num_blocks))
+    groups = module.configure_optimizers().param_groups
+    n = backbone.num_blocks
+    expected = [0.01 * factor ** -(n - 1 - i) for i in range(n)] + [0.01]
+    assert [g["lr"] for g in groups] == pytest.approx(expected)
+
+
+def test_gradual_lr_factor_below_one_names_the_key():
+    from transferlab.freeze.gradual import GradualUnfreeze
+
+    with pytest.raises(ConfigError, match=r"freeze.lr_factor=0.5"):
+        GradualUnfreeze(0.5).check(3, 1)

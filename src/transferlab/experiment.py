@@ -25,7 +25,7 @@ from transferlab.data.loaders import make_loader
 from transferlab.data.text import tokenize_transfer_data
 from transferlab.errors import ConfigError, TransferlabError
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
-from transferlab.stages.evaluate import accuracy
+from transferlab.stages.evaluate import accuracy, token_scores
 from transferlab.stages.source import load_source_checkpoint, obtain_source, source_settings
 from transferlab.stages.target import train_target
 
@@ -135,6 +135,9 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
                           f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
                           f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
+    if data.target.token_level and not hasattr(get_class(cfg.backbone._target_), "token_features"):
+        raise ConfigError(f"data: {data.dataset} is token classification but backbone {cfg.backbone._target_} "
+                          "has no per-token features (token_features): use backbone=minilm or backbone=hf")
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze = build(cfg.freeze)
     regularizer = build(cfg.regularizer)
@@ -182,7 +185,12 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
     # Selection happened on validation; the test split is evaluated here, once.
-    metrics["target/test_acc"] = accuracy(target_model, make_loader(data.target.test, EVAL_BATCH, shuffle=False))
+    target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
+    if data.target.token_level:  # entity-level scores; test_acc = accuracy over scored words
+        scores = token_scores(target_model, target_test, data.target.label_names)
+        metrics.update({f"target/test_{k}": v for k, v in scores.items()})
+    else:
+        metrics["target/test_acc"] = accuracy(target_model, target_test)
 
     if source_model is not None:
         metrics["source/test_acc_after"] = accuracy(source_model, source_test)
@@ -191,11 +199,9 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,
                         "transfer/forgetting": None})
 
-    always_frozen = freeze.always_frozen(backbone.num_blocks, cfg.target.epochs)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     metrics["params/total"] = count(backbone) + count(target_model.head)
-    metrics["params/trainable"] = count(target_model.head) + sum(
-        count(block) for i, block in enumerate(backbone.blocks) if i not in always_frozen)
+    metrics["params/trainable"] = count(target_model.head) + freeze.trainable_backbone_params(backbone, cfg.target.epochs)
     return metrics
 
 
@@ -225,7 +231,8 @@ def format_summary(results: dict) -> str:
     m = results["metrics"]
     fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     rows = [("status", results["status"])]
-    keys = ["target/test_acc", "target/val_acc", "target/best_epoch", "source/test_acc_before",
+    keys = ["target/test_f1", "target/val_f1"] if "target/test_f1" in m else []
+    keys += ["target/test_acc", "target/val_acc", "target/best_epoch", "source/test_acc_before",
             "source/test_acc_after", "transfer/forgetting", "params/trainable", "params/total"]
     rows += [(k, fmt(m.get(k))) for k in keys]
     rows.append(("wall time (s)", fmt(results["provenance"]["wall_time_s"])))

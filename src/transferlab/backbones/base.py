@@ -5,6 +5,8 @@
 - ``feature_dim``: the width of the features a head reads.
 - ``forward(x)``: runs the blocks, then ``pool`` (parameter-free), returning ``(N, feature_dim)``.
   For text encoders ``x`` is a dict (input_ids, attention_mask) and the backbone has a ``tokenizer``.
+- ``token_features(x)`` (text encoders only): ``(N, L, feature_dim)`` per-token features, before
+  pooling, for token-classification heads (NER).
 """
 
 from __future__ import annotations

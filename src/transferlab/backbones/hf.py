@@ -102,6 +102,14 @@ class HFEncoder(Backbone):
         self.train()  # from_pretrained returns eval mode; Lightning decides from here on
 
     def forward(self, batch: dict) -> torch.Tensor:
+        hidden, mask = self.token_features(batch), batch["attention_mask"]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def token_features(self, batch: dict) -> torch.Tensor:
+        """The last layer's hidden state per token, (N, L, feature_dim): what a token head reads."""
         mask = batch["attention_mask"]
         hidden = self.blocks[0](input_ids=batch["input_ids"])
         # Additive mask, broadcast over heads and query positions (what BertModel builds for
@@ -110,10 +118,7 @@ class HFEncoder(Backbone):
         for layer in self.blocks[1:]:
             out = layer(hidden, attention_mask=additive)
             hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return hidden
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 
 @dataclass
 class LabelledPool:
-    x_train: np.ndarray  # float32 (N, *input_shape), or an object array of N strings (text)
-    y_train: np.ndarray  # int64 original class ids
+    x_train: np.ndarray  # float32 (N, *input_shape), or an object array of N texts (strings or word tuples)
+    y_train: np.ndarray  # int64 original class ids (token_labels: an object array of tag-id arrays)
     x_test: Optional[np.ndarray]  # None: the dataset has no official test split
     y_test: Optional[np.ndarray]
     class_names: list[str]
@@ -21,6 +21,9 @@ class LabelledPool:
     domain_train: Optional[np.ndarray] = None
     domain_test: Optional[np.ndarray] = None
     domain_names: Optional[list[str]] = None
+    # Token classification (NER): x holds word tuples, y an int64 tag array per example
+    # (class_names are the tag names); tasks are cut by example, never by class.
+    token_labels: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:

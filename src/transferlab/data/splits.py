@@ -25,6 +25,10 @@ class TaskSplits:
     val: tuple
     test: tuple
     domains: list[str] = field(default_factory=list)  # empty: every domain (a class split)
+    # Token classification: y is one tag id per word (then per sub-token, after tokenizing);
+    # label_names turns ids back into BIO tags for entity-level scoring.
+    token_level: bool = False
+    label_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -109,9 +113,38 @@ def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed
                       as_tensors(x_test, y_test), domains)
 
 
+def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> TaskSplits:
+    """Token classification: every tag is in play, so only examples are split (seeded, not
+    stratified: an example holds many tags)."""
+    classes = list(data_cfg[f"{name}_classes"])
+    if classes != list(range(len(pool.class_names))):
+        raise ConfigError(f"data.{name}_classes: {pool.name} is token classification and uses all its "
+                          f"{len(pool.class_names)} tags: set it to [0, ..., {len(pool.class_names) - 1}]")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pool.y_train))
+    n_test = int(round(data_cfg.test_fraction * len(order)))
+    n_val = int(round(data_cfg.val_fraction * (len(order) - n_test)))
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    budget = data_cfg[f"{name}_train_size"]
+    if budget is not None:
+        if budget > len(train):
+            raise ConfigError(f"data.{name}_train_size={budget} exceeds the {len(train)} training sentences of "
+                              f"{pool.name} left after holding out val/test; lower it or set it to null (all)")
+        train = train[:budget]  # already a random order
+    cut = lambda idx: (pool.x_train[idx], pool.y_train[idx])  # noqa: E731
+    return TaskSplits(name, classes, cut(train), cut(val), cut(test), token_level=True,
+                      label_names=list(pool.class_names))
+
+
 def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True) -> TransferData:
     """Cut `pool` into a source task (None when `with_source` is False) and a target task."""
     split_seed = seed if data_cfg.split_seed is None else data_cfg.split_seed
+    if pool.token_labels:
+        if with_source:
+            raise ConfigError(f"data={pool.name} is a single token-classification task: it has no source task; "
+                              "use source=pretrained or source=scratch")
+        target = _make_token_task(pool, "target", data_cfg, seed=split_seed * 2 + 1)
+        return TransferData(None, target, pool.input_shape, pool.name, is_text=True)
     source = None
     if with_source:
         source = _make_task(pool, "source", list(data_cfg.source_classes), data_cfg, seed=split_seed * 2)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from transferlab.data.splits import TaskSplits, TransferData
+from transferlab.errors import ConfigError
 
 
 class Tokens:
@@ -37,10 +38,52 @@ def tokenize(texts: np.ndarray, tokenizer, max_length: int) -> Tokens:
     return Tokens(encoded["input_ids"], encoded["attention_mask"])
 
 
+IGNORE = -100  # label of sub-tokens that are not scored: F.cross_entropy's default ignore_index
+
+
+class TokenLabels:
+    """Per-sub-token labels of N texts, cut per batch to the same columns as their `Tokens`."""
+
+    def __init__(self, labels: torch.Tensor, attention_mask: torch.Tensor):
+        self.labels, self.attention_mask = labels, attention_mask
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.labels[index][:, self.attention_mask[index].any(0)]
+
+
+def align_labels(word_ids: list, word_labels) -> list[int]:
+    """The first sub-token of each word carries the word's label; later sub-tokens of the same
+    word and special tokens get IGNORE, so each word is scored once."""
+    aligned, previous = [], None
+    for word in word_ids:
+        aligned.append(IGNORE if word is None or word == previous else int(word_labels[word]))
+        previous = word
+    return aligned
+
+
+def tokenize_words(sentences: np.ndarray, labels, tokenizer, max_length: int) -> tuple[Tokens, TokenLabels]:
+    """Pre-split words (NER): sub-token ids plus word labels aligned to them. Words cut off by
+    `max_length` are not scored (their labels are lost with them)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{type(tokenizer).__name__}: token classification needs a fast tokenizer (word_ids)")
+    encoded = tokenizer([list(s) for s in sentences], is_split_into_words=True, truncation=True,
+                        max_length=max_length, padding="longest", return_token_type_ids=False, return_tensors="pt")
+    aligned = torch.tensor([align_labels(encoded.word_ids(i), labels[i]) for i in range(len(sentences))],
+                           dtype=torch.long).reshape(encoded["input_ids"].shape)
+    mask = encoded["attention_mask"]
+    return Tokens(encoded["input_ids"], mask), TokenLabels(aligned, mask)
+
+
 def tokenize_transfer_data(data: TransferData, tokenizer, max_length: int) -> TransferData:
     def task(t: TaskSplits | None):
         if t is None:
             return None
+        if t.token_level:
+            splits = {s: tokenize_words(*getattr(t, s), tokenizer, max_length) for s in ("train", "val", "test")}
+            return dataclasses.replace(t, **splits)
         splits = {s: (tokenize(getattr(t, s)[0], tokenizer, max_length), getattr(t, s)[1])
                   for s in ("train", "val", "test")}
         return dataclasses.replace(t, **splits)

@@ -23,6 +23,13 @@ class FreezePolicy(pl.Callback):
         """Raise ConfigError for settings this backbone / schedule cannot honour."""
 
     # -- derived -------------------------------------------------------------------------------
+    def trainable_backbone_params(self, backbone, epochs: int) -> int:
+        """Backbone parameters that train in at least one epoch (params/trainable in results).
+        Block policies: every block not frozen in all epochs; finer policies (BitFit) override."""
+        frozen = self.always_frozen(len(backbone.blocks), epochs)
+        return sum(p.numel() for i, block in enumerate(backbone.blocks) if i not in frozen
+                   for p in block.parameters())
+
     def always_frozen(self, num_blocks: int, epochs: int) -> set[int]:
         frozen = set(range(num_blocks))
         for epoch in range(epochs):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.errors import NonFiniteLossError
+from transferlab.stages.evaluate import entity_scores, tag_sequences
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -22,16 +23,30 @@ class TaskModule(pl.LightningModule):
     """`task` ("source" / "target") prefixes every logged metric."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, task: str, lr: float,
-                 weight_decay: float = 0.0, lr_scales: list[float] | None = None):
+                 weight_decay: float = 0.0, lr_scales: list[float] | None = None,
+                 label_names: list[str] | None = None):
         super().__init__()
         self.backbone, self.head, self.task = backbone, head, task
+        # label_names given: token classification (NER): the head reads every token's features,
+        # the loss skips IGNORE (-100) positions, validation scores entities (seqeval F1).
+        self.label_names = label_names
+        self.token_level = label_names is not None
+        self._val_true: list = []
+        self._val_pred: list = []
         self.lr, self.weight_decay = lr, weight_decay
         self.lr_scales = lr_scales or [1.0] * len(backbone.blocks)
         self.frozen_blocks: set[int] = set()
         self._val_correct = self._val_loss = self._val_count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_level:
+            return self.head(self.backbone.token_features(x))  # (N, L, num_tags)
         return self.head(self.backbone(x))
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        # Token level: (N, L, C) → (N·L, C); positions labelled -100 (sub-tokens after the first,
+        # special tokens, padding) are F.cross_entropy's ignore_index.
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100, reduction=reduction)
 
     # -- frozen blocks behave as fixed feature extractors (BatchNorm keeps its statistics) -----
     def set_frozen_blocks(self, frozen: set[int]) -> None:
@@ -58,7 +73,7 @@ class TaskModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = self.loss(self(x), y)
         self._last_loss = loss.detach()
         # Checked (a host sync) on logging steps and at epoch end only: a NaN loss poisons the
         # weights, so every later loss is NaN too and is caught at the next check.
@@ -80,13 +95,25 @@ class TaskModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        self._val_loss += F.cross_entropy(logits, y, reduction="sum")
+        self._val_loss += self.loss(logits, y, reduction="sum")
+        if self.token_level:
+            true_tags, pred_tags = tag_sequences(logits, y, self.label_names)
+            self._val_true += true_tags
+            self._val_pred += pred_tags
+            self._val_count += int((y != -100).sum())
+            return
         self._val_correct += (logits.argmax(-1) == y).sum()
         self._val_count += len(y)
 
     def on_validation_epoch_end(self) -> None:
         count = max(self._val_count, 1)
-        self.log(f"{self.task}/val_acc", self._val_correct / count)
+        if self.token_level:  # selection on entity F1, the metric NER is judged by
+            scores = entity_scores(self._val_true, self._val_pred)
+            self.log(f"{self.task}/val_f1", scores["f1"])
+            self.log(f"{self.task}/val_acc", scores["acc"])
+            self._val_true, self._val_pred = [], []
+        else:
+            self.log(f"{self.task}/val_acc", self._val_correct / count)
         self.log(f"{self.task}/val_loss", self._val_loss / count)
         self._val_correct = self._val_loss = self._val_count = 0
 

@@ -18,17 +18,24 @@ from transferlab.stages.module import TaskModule
 from transferlab.stages.trainer import finish_loggers, make_loggers, make_trainer
 
 
+def selection_metric(task) -> str:
+    """What picks the best epoch: entity F1 for token classification, accuracy otherwise."""
+    return "target/val_f1" if task.token_level else "target/val_acc"
+
+
 def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regularizer: Regularizer,
                  run_dir: Path, *, loggers=None) -> tuple[TaskModule, dict]:
     task = data.target
     head = classification_head(backbone.feature_dim, task.num_classes)
     module = TaskModule(backbone, head, task="target", lr=cfg.target.lr, weight_decay=cfg.target.weight_decay,
-                        lr_scales=freeze.lr_scales(len(backbone.blocks)))
-    best = KeepBestWeights("target/val_acc")
+                        lr_scales=freeze.lr_scales(len(backbone.blocks)),
+                        label_names=task.label_names if task.token_level else None)
+    monitor = selection_metric(task)
+    best = KeepBestWeights(monitor)
     # No-op policies stay out: Lightning calls every hook of every callback on every step.
     callbacks = [c for c in (freeze, regularizer) if c.active] + [best]
     if cfg.target.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping("target/val_acc", mode="max", patience=cfg.target.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
     loggers = make_loggers(cfg, run_dir, "target") if loggers is None else loggers
     trainer = make_trainer(cfg, epochs=cfg.target.epochs, loggers=loggers, callbacks=callbacks, run_dir=run_dir)
     try:
@@ -42,5 +49,5 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(),
                 "target_classes": list(task.classes)}, path)
-    return module, {"target/val_acc": best.best_score, "target/best_epoch": best.best_epoch,
+    return module, {monitor: best.best_score, "target/best_epoch": best.best_epoch,
                     "target/epochs_run": trainer.current_epoch}
