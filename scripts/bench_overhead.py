@@ -17,9 +17,10 @@ Sections:
   1. end to end: hand loop vs transferlab (none / l2sp / ewc; loggers=[] and the CSV logger)
   2. fixed cost per fit vs cost per step (epochs=1 vs epochs=10)
   3. where transferlab's extra time goes: phase timer callback, and cProfile of one fit
-  4. the overhead isolated on a tiny CNN (same steps, hooks and tensors, no arithmetic), with the
-     candidate src/ changes P1-P6 applied by monkeypatching in this process only (src/ untouched),
-     and a check that they leave the trained weights bit-for-bit unchanged
+  4. the overhead isolated on a tiny CNN (same steps, hooks and tensors, ~no arithmetic): the
+     overhead cuts of commit 312f0e5 undone one at a time (what each saved), P4 (manual
+     optimization, proposed), Trainer options, a bare-Lightning floor -- all by monkeypatching in
+     this process only (src/ untouched) -- and a check that P4 leaves the weights bit-for-bit equal
   5. per-call micro-benchmarks on the real CNN: self.log, add_penalty_grad_, penalty()
 
 Only `train_target` (or the hand loop) is timed; EWC's Fisher is computed before it and reported on
@@ -35,7 +36,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
-import math  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
@@ -64,7 +64,6 @@ from transferlab.data import make_transfer_data  # noqa: E402
 from transferlab.data.loaders import make_loader  # noqa: E402
 from transferlab.heads import classification_head  # noqa: E402
 from transferlab.freeze.full import FullFinetune  # noqa: E402
-from transferlab.regularizers.base import Regularizer  # noqa: E402
 from transferlab.regularizers.none import NoRegularizer  # noqa: E402
 from transferlab.stages.callbacks import KeepBestWeights  # noqa: E402
 from transferlab.stages.module import TaskModule  # noqa: E402
@@ -214,7 +213,7 @@ class Bench:
 # instrumentation and monkeypatches (this process only)
 # ---------------------------------------------------------------------------------------------
 _EXTRA_CALLBACKS: list = []
-FLAGS = types.SimpleNamespace(drop_noop_callbacks=False)
+FLAGS = types.SimpleNamespace(manual=False, clip_val=None)
 _TRAINER_KWARGS: dict = {}
 _original_make_trainer = tl_target.make_trainer
 
@@ -222,9 +221,11 @@ _original_make_trainer = tl_target.make_trainer
 def _patched_make_trainer(cfg, *, epochs, loggers, callbacks, run_dir):
     started = time.perf_counter()
     callbacks = list(callbacks) + list(_EXTRA_CALLBACKS)
-    if FLAGS.drop_noop_callbacks:  # P5: a policy that never freezes / no regularizer needs no hooks
-        callbacks = [cb for cb in callbacks if not isinstance(cb, (FullFinetune, NoRegularizer))]
-    if not _TRAINER_KWARGS:
+    overrides = dict(_TRAINER_KWARGS)
+    if FLAGS.manual:  # P4: clipping moves into the module (see on_before_optimizer_step_clip)
+        FLAGS.clip_val = cfg.trainer.gradient_clip_val
+        overrides["gradient_clip_val"] = None
+    if not overrides:
         trainer = _original_make_trainer(cfg, epochs=epochs, loggers=loggers, callbacks=callbacks, run_dir=run_dir)
     else:  # the same arguments as transferlab.stages.trainer.make_trainer, plus the overrides
         t = cfg.trainer
@@ -233,7 +234,7 @@ def _patched_make_trainer(cfg, *, epochs, loggers, callbacks, run_dir):
                       gradient_clip_val=t.gradient_clip_val, enable_progress_bar=t.progress_bar,
                       logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir),
                       enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
-        kwargs.update(_TRAINER_KWARGS)
+        kwargs.update(overrides)
         trainer = pl.Trainer(**kwargs)
     for cb in _EXTRA_CALLBACKS:
         if isinstance(cb, PhaseTimer):
@@ -360,78 +361,68 @@ def hand_phases(bench: Bench):
             "between steps (data, loop glue)": timer["data"], "total": timer["total"]}
 
 
-# -- candidate changes to src/, applied as monkeypatches ---------------------------------------
-def _log_straight(module_or_trainer, metrics: dict, step: int) -> None:
-    """What `self.log` ends in, without its ~0.4 ms per call of `_ResultCollection` bookkeeping
-    (`_ResultMetric.to` walks the metric's whole __dict__ on every call; section 5)."""
-    for logger in module_or_trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+# -- variants of src/, applied as monkeypatches (this process only) ------------------------------
+# Commit 312f0e5 already cut the per-step overhead (metrics straight to the loggers, finiteness
+# checked on logging steps, direct (x, y) device transfer, no-op policies left out of the
+# callbacks, best state cloned). The "undo" variants put each of those back, to measure what it
+# saved; P4 (manual optimization) is the change proposed on top.
+_SRC_TRAINING_STEP = TaskModule.training_step
 
 
-def training_step_direct_log(self, batch, batch_idx):
-    """TaskModule.training_step with the train loss sent straight to the loggers (none: no work),
-    and the finiteness check on a python float."""
+def training_step_selflog(self, batch, batch_idx):
+    """Undo: TaskModule.training_step as before 312f0e5 -- finiteness checked (a host sync) on every
+    step, the train loss logged with `self.log` on logging steps."""
     x, y = batch
-    loss = F.cross_entropy(self(x), y)
-    if not math.isfinite(loss.item()):
-        raise RuntimeError("non-finite loss")
-    if self.trainer.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
-        _log_straight(self.trainer, {f"{self.task}/train_loss": loss.item()}, self.global_step)
+    loss = self.loss(self(x), y)
+    self._last_loss = loss.detach()
+    self.check_finite(self._last_loss)
+    if self.global_step % self.trainer.log_every_n_steps == 0:
+        self.log(f"{self.task}/train_loss", loss.detach())
     return loss
 
 
-def training_step_manual(self, batch, batch_idx):
-    """TaskModule.training_step under manual optimization (automatic_optimization = False), train
-    loss logged straight to the loggers.
-
-    The callbacks keep working: manual_backward runs on_before/after_backward, and
-    LightningOptimizer.step runs on_before_optimizer_step (freeze masks, penalty gradients)."""
-    x, y = batch
-    optimizer = self.optimizers()
-    loss = F.cross_entropy(self(x), y)
-    if not math.isfinite(loss.item()):
-        raise RuntimeError("non-finite loss")
-    if self.trainer.loggers and self.global_step % self.trainer.log_every_n_steps == 0:
-        _log_straight(self.trainer, {f"{self.task}/train_loss": loss.item()}, self.global_step)
-    optimizer.zero_grad()
-    self.manual_backward(loss)
-    optimizer.step()
-    return loss
-
-
-def transfer_batch_direct(self, batch, device, dataloader_idx):
-    """Move the (x, y) pair directly instead of Lightning's generic apply_to_collection walk."""
-    x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def regularizer_log_direct(self, trainer, pl_module, outputs, batch, batch_idx):
-    """Regularizer.on_train_batch_end: compute and log the penalty only if a logger will get it."""
-    if trainer.loggers and (trainer.global_step - 1) % trainer.log_every_n_steps == 0:
-        _log_straight(trainer, {f"{pl_module.task}/penalty": float(self.penalty())}, trainer.global_step - 1)
-
-
-def keep_best_clone(self, trainer, pl_module):
-    """KeepBestWeights.on_validation_end, cloning the state's tensors instead of copy.deepcopy."""
+def keep_best_deepcopy(self, trainer, pl_module):
+    """Undo: KeepBestWeights.on_validation_end with copy.deepcopy of the state dict."""
     score = trainer.callback_metrics.get(self.monitor)
     if score is None or trainer.sanity_checking:
         return
     score = float(score)
     if self.best_score is None or score > self.best_score:
         self.best_score, self.best_epoch = score, trainer.current_epoch
-        self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self._best_state = copy.deepcopy(pl_module.state_dict())
 
 
-P_DIRECT_LOG = [(TaskModule, "training_step", training_step_direct_log)]
-P_TRANSFER = [(TaskModule, "transfer_batch_to_device", transfer_batch_direct)]
-P_MANUAL = [(TaskModule, "automatic_optimization", property(lambda self: False)),
-            (TaskModule, "training_step", training_step_manual)]
-P_PENALTY_LOG = [(Regularizer, "on_train_batch_end", regularizer_log_direct)]
-P_NOOP_CALLBACKS = [(FLAGS, "drop_noop_callbacks", True)]
-P_CLONE_BEST = [(KeepBestWeights, "on_validation_end", keep_best_clone)]
-# P_MANUAL's training_step includes P2
-P_ALL = P_PENALTY_LOG + P_TRANSFER + P_MANUAL + P_NOOP_CALLBACKS + P_CLONE_BEST
+def training_step_manual(self, batch, batch_idx):
+    """P4: the same step under manual optimization (TaskModule.automatic_optimization = False).
+
+    src's own training_step computes the loss (checks, logs); then zero_grad / backward / step.
+    Callbacks keep working: manual_backward runs on_before/after_backward, and
+    LightningOptimizer.step runs on_before_optimizer_step (freeze masks, penalty gradients)."""
+    optimizer = self.optimizers()
+    loss = _SRC_TRAINING_STEP(self, batch, batch_idx)
+    optimizer.zero_grad()
+    self.manual_backward(loss)
+    optimizer.step()
+    return loss
+
+
+def on_before_optimizer_step_clip(self, optimizer):
+    """P4: Lightning refuses Trainer(gradient_clip_val) under manual optimization, so the module
+    clips here -- after the callbacks' on_before_optimizer_step (penalty gradients, freeze masks),
+    the same place Lightning's automatic clipping runs."""
+    if FLAGS.clip_val:
+        self.clip_gradients(optimizer, gradient_clip_val=FLAGS.clip_val, gradient_clip_algorithm="norm")
+
+
+U_SELFLOG = [(TaskModule, "training_step", training_step_selflog)]
+U_TRANSFER = [(TaskModule, "transfer_batch_to_device", pl.LightningModule.transfer_batch_to_device)]
+U_CALLBACKS = [(FullFinetune, "active", True), (NoRegularizer, "active", True)]
+U_DEEPCOPY = [(KeepBestWeights, "on_validation_end", keep_best_deepcopy)]
+U_ALL = U_SELFLOG + U_TRANSFER + U_CALLBACKS + U_DEEPCOPY
+P_MANUAL = [(FLAGS, "manual", True),
+            (TaskModule, "automatic_optimization", property(lambda self: False)),
+            (TaskModule, "training_step", training_step_manual),
+            (TaskModule, "on_before_optimizer_step", on_before_optimizer_step_clip)]
 
 
 class BareModule(pl.LightningModule):
@@ -615,6 +606,7 @@ def main():
         "transferlab, ewc, loggers=[]": lambda: bench.transferlab("ewc"),
         "transferlab, deterministic=False": lambda: _with(extra_kw=dict(deterministic=False),
                                                           fn=lambda: bench.transferlab("none")),
+        "transferlab, P4 manual optim.": lambda: _with(triples=P_MANUAL, fn=lambda: bench.transferlab("none")),
     }
     accs = {}
     for name, fn in variants.items():  # the warm-up run doubles as a same-training sanity check
@@ -640,6 +632,7 @@ def main():
          GOAL_PENALTY),
         ("transferlab deterministic=False / hand", "transferlab, deterministic=False", "hand loop, none",
          GOAL_FRAMEWORK),
+        ("transferlab P4 manual optim. / hand", "transferlab, P4 manual optim.", "hand loop, none", GOAL_FRAMEWORK),
         ("hand l2sp / hand none", "hand loop, l2sp (foreach grad)", "hand loop, none", GOAL_PENALTY),
         ("hand ewc  / hand none", "hand loop, ewc (foreach grad)", "hand loop, none", GOAL_PENALTY),
     ]
@@ -740,19 +733,18 @@ def main():
     cands = {
         "hand loop": lambda: tiny.hand("none"),
         "transferlab as is": tl(),
-        "P2 training_step: log straight, float check": lambda: _with(triples=P_DIRECT_LOG, fn=tl()),
-        "P3 transfer_batch_to_device (x, y)": lambda: _with(triples=P_TRANSFER, fn=tl()),
-        "P4 manual optimization (incl. P2)": lambda: _with(triples=P_MANUAL, fn=tl()),
-        "P5 no no-op callbacks": lambda: _with(triples=P_NOOP_CALLBACKS, fn=tl()),
-        "P1-P6 together": lambda: _with(triples=P_ALL, fn=tl()),
-        "P1-P6 except P4": lambda: _with(triples=[t for t in P_ALL if t not in P_MANUAL] + P_DIRECT_LOG, fn=tl()),
+        "undo: self.log + finite check every step": lambda: _with(triples=U_SELFLOG, fn=tl()),
+        "undo: Lightning's generic batch transfer": lambda: _with(triples=U_TRANSFER, fn=tl()),
+        "undo: no-op policies as callbacks": lambda: _with(triples=U_CALLBACKS, fn=tl()),
+        "undo all of 312f0e5 (+ deepcopy best)": lambda: _with(triples=U_ALL, fn=tl()),
+        "P4 manual optimization": lambda: _with(triples=P_MANUAL, fn=tl()),
         "Trainer(deterministic=False)": lambda: _with(extra_kw=dict(deterministic=False), fn=tl()),
+        "P4 + deterministic=False": lambda: _with(triples=P_MANUAL, extra_kw=dict(deterministic=False), fn=tl()),
         "bare Lightning (no callbacks, no log)": lambda: bare_lightning(tiny),
         "transferlab as is, CSV logger": tl(csv=True),
-        "P1-P6 together, CSV logger": lambda: _with(triples=P_ALL, fn=tl(csv=True)),
     }
     header(f"4. overhead isolated on a tiny CNN (channels {tiny_channels}), {args.cand_repeats} paired repeats; "
-           "candidate src/ changes monkeypatched here only")
+           "src/ variants monkeypatched here only")
     cand_times = run_round_robin(cands, args.cand_repeats)
     hand_t = cand_times["hand loop"]
     hand10 = med(times["hand loop, none"])
@@ -773,14 +765,16 @@ def main():
     print(f"consistency: transferlab's extra on the tiny CNN {1000 * extra_of['transferlab as is']:.0f} ms per fit; "
           f"on the real CNN {1000 * (med(times['transferlab, none, loggers=[]']) - hand10):.0f} ms (section 1), "
           f"{1000 * phase_extra:.0f} ms (section 3)")
-    same = sample(lambda: same_weights_check(cfg, data))
-    print(f"same trained weights with P1-P6 as without (bit for bit, tiny CNN, 3 epochs): {same}")
+    same = sample(lambda: same_weights_check(data))
+    print(f"bit-for-bit the same trained weights as transferlab as is (tiny CNN, 3 epochs, gradient_clip_val=0.5):\n"
+          f"{same}")
 
     # -- 5. micro-benchmarks ------------------------------------------------------------------
     header("5. per-call costs on the real CNN (median of 7 x 200 calls) and what they make per step")
     log_us = sample(lambda: self_log_cost(bench))
     csv_us = sample(lambda: csv_log_cost(bench))
-    print(f"LightningModule.log inside a fit: {log_us:.0f} us per call; CSVLogger.log_metrics: {csv_us:.0f} us per call")
+    print(f"LightningModule.log inside a fit: {log_us:.0f} us per call; CSVLogger.log_metrics (what "
+          f"log_to_loggers calls): {csv_us:.0f} us per call")
     backbone = bench.fresh_backbone()
     head = nn.Linear(backbone.feature_dim, data.target.num_classes)
     x, y = data.target.train[0][:32], data.target.train[1][:32]
@@ -788,20 +782,21 @@ def main():
     regs = {"l2sp": instantiate(bench.regs["l2sp"]), "ewc": bench.fisher_regularizer(backbone)}
     every = cfg.trainer.log_every_n_steps
     tl_step_us = 1e6 * med(times["transferlab, none, loggers=[]"]) / steps
-    print(f"per step = add_penalty_grad_ + (penalty() + one log call) / {every} (the penalty is logged every {every} "
-          f"steps); ratio = 1 + that / a transferlab step ({tl_step_us / 1000:.2f} ms, section 1)")
-    print(f"{'regularizer':<12}{'add_penalty_grad_':>18}{'penalty()':>11}{'as is':>20}{'P1, loggers=[]':>20}"
-          f"{'P1, CSV logger':>20}")
+    print(f"per step = add_penalty_grad_ + (penalty() + one log call) / {every} on logging steps (none with "
+          f"loggers=[]); ratio = 1 + that / a transferlab step ({tl_step_us / 1000:.2f} ms, section 1)")
+    print(f"{'regularizer':<12}{'add_penalty_grad_':>18}{'penalty()':>11}{'loggers=[]':>18}{'CSV logger':>18}"
+          f"{'via self.log (old)':>20}")
     for name, reg in regs.items():
         reg.attach(backbone, head)
         with torch.no_grad():
             grad_us = sample(lambda: micro(reg.add_penalty_grad_))
             pen_us = sample(lambda: micro(reg.penalty))
         cols = []
-        for per_step in (grad_us + (pen_us + log_us) / every, grad_us, grad_us + (pen_us + csv_us) / every):
+        for per_step in (grad_us, grad_us + (pen_us + csv_us) / every, grad_us + (pen_us + log_us) / every):
             cols.append(f"{per_step:.0f} us {1 + per_step / tl_step_us:.3f}x")
-        print(f"{name:<12}{grad_us:>15.0f} us{pen_us:>8.0f} us{cols[0]:>20}{cols[1]:>20}{cols[2]:>20}")
-    print(f"(goal <= {GOAL_PENALTY:.2f}x; with the CSV logger 'as is' adds the same log call plus the CSV write)")
+        print(f"{name:<12}{grad_us:>15.0f} us{pen_us:>8.0f} us{cols[0]:>18}{cols[1]:>18}{cols[2]:>20}")
+    print(f"(goal <= {GOAL_PENALTY:.2f}x. 'via self.log (old)': the penalty logged with LightningModule.log, as before "
+          f"312f0e5.)")
 
     print(f"\nother processes: waited {GATE['waited_s']:.0f} s for a quiet CPU, retook {GATE['retaken']} disturbed "
           f"samples, kept {GATE['kept_disturbed']} disturbed ones"
@@ -815,26 +810,29 @@ def _with(*, fn, triples=(), extra_kw=None):
         return fn()
 
 
-def same_weights_check(cfg, data) -> str:
-    """Train with and without P1-P6; the weights must match exactly (the changes move no number)."""
-    results = []
+def same_weights_check(data) -> str:
+    """P4 and deterministic=False must not move a number: train with and without, compare weights.
+    Clipping on, so P4's relocated clipping is checked too; lp_ft + EWC exercises freeze masks."""
+    lines = []
     for freeze, reg in (("full", "l2sp"), ("lp_ft", "ewc")):
+        overrides = ["logger=csv", f"freeze={freeze}", f"regularizer={reg}", "target.epochs=3",
+                     "trainer.gradient_clip_val=0.5"] + (["freeze.probe_epochs=1"] if freeze == "lp_ft" else [])
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            c = compose("config", overrides=["logger=csv", f"freeze={freeze}", f"regularizer={reg}",
-                                             "target.epochs=3", "freeze.probe_epochs=1"] if freeze == "lp_ft" else
-                        ["logger=csv", f"freeze={freeze}", f"regularizer={reg}", "target.epochs=3"])
+            c = compose("config", overrides=overrides)
         c.backbone.channels = [2] * len(c.backbone.channels)
         b = Bench(c, data)
-        states = []
-        for triples in ([], P_ALL):
-            with patched(*triples):
+        states = {}
+        for label, triples, kw in (("as is", [], {}), ("P4", P_MANUAL, {}),
+                                   ("deterministic=False", [], dict(deterministic=False))):
+            with patched(*triples), extra(**kw):
                 backbone = b.fresh_backbone()
                 regularizer = b.fisher_regularizer(backbone) if reg == "ewc" else instantiate(c.regularizer)
                 module, _ = train_target(c, data, backbone, instantiate(c.freeze), regularizer, b.run_dir(), loggers=[])
-                states.append({k: v.clone() for k, v in module.state_dict().items()})
-        ok = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-        results.append(f"freeze={freeze} regularizer={reg}: {'yes' if ok else 'NO'}")
-    return "; ".join(results)
+                states[label] = {k: v.clone() for k, v in module.state_dict().items()}
+        verdicts = [f"{label}: {'yes' if all(torch.equal(states['as is'][k], v) for k, v in st.items()) else 'NO'}"
+                    for label, st in states.items() if label != "as is"]
+        lines.append(f"  freeze={freeze} regularizer={reg}: " + ", ".join(verdicts))
+    return "\n".join(lines)
 
 
 class _LogCost(pl.Callback):

@@ -130,25 +130,11 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     pool = build(cfg.data.dataset)
     has_source = mode in ("train", "checkpoint")
     data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source)
-    reads_text = getattr(get_class(cfg.backbone._target_), "reads_text", False)
-    if data.is_text != reads_text:
-        raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
-                          f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
-                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
-    if data.target.token_level and not hasattr(get_class(cfg.backbone._target_), "token_features"):
-        raise ConfigError(f"data: {data.dataset} is token classification but backbone {cfg.backbone._target_} "
-                          "has no per-token features (token_features): use backbone=minilm or backbone=hf")
+    check_data_fits_backbone(cfg, data)
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze = build(cfg.freeze)
     regularizer = build(cfg.regularizer)
-    freeze.check(backbone.num_blocks, cfg.target.epochs)
-    if regularizer.needs_source and not has_source:
-        raise ConfigError(f"regularizer=ewc needs a source stage to estimate its Fisher, and source={mode} has none: "
-                          "use source=train or source=checkpoint, or another regularizer (e.g. l2sp)")
-    pretrained = getattr(backbone, "pretrained", False)
-    if mode == "pretrained" and not pretrained:
-        raise ConfigError(f"source=pretrained needs a pretrained backbone (e.g. backbone=minilm); "
-                          f"{cfg.backbone._target_} starts from random weights: use source=scratch")
+    pretrained = check_stage_choices(cfg, mode, backbone, freeze, regularizer)
     if mode == "scratch" and pretrained:
         backbone.reset_parameters()  # the no-transfer baseline starts from random weights
     if data.is_text:
@@ -203,6 +189,33 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     metrics["params/total"] = count(backbone) + count(target_model.head)
     metrics["params/trainable"] = count(target_model.head) + freeze.trainable_backbone_params(backbone, cfg.target.epochs)
     return metrics
+
+
+def check_data_fits_backbone(cfg, data) -> None:
+    """Text data needs a text encoder (and token labels per-token features), images the reverse."""
+    backbone_class = get_class(cfg.backbone._target_)
+    reads_text = getattr(backbone_class, "reads_text", False)
+    if data.is_text != reads_text:
+        raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
+                          f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
+                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
+    if data.target.token_level and not hasattr(backbone_class, "token_features"):
+        raise ConfigError(f"data: {data.dataset} is token classification but backbone {cfg.backbone._target_} "
+                          "has no per-token features (token_features): use backbone=minilm or backbone=hf")
+
+
+def check_stage_choices(cfg, mode: str, backbone, freeze, regularizer) -> bool:
+    """Freeze policy vs backbone, regularizer vs source stage, source mode vs weights.
+    Returns whether the backbone came pretrained."""
+    freeze.check(backbone.num_blocks, cfg.target.epochs)
+    if regularizer.needs_source and mode not in ("train", "checkpoint"):
+        raise ConfigError(f"regularizer=ewc needs a source stage to estimate its Fisher, and source={mode} has none: "
+                          "use source=train or source=checkpoint, or another regularizer (e.g. l2sp)")
+    pretrained = getattr(backbone, "pretrained", False)
+    if mode == "pretrained" and not pretrained:
+        raise ConfigError(f"source=pretrained needs a pretrained backbone (e.g. backbone=minilm); "
+                          f"{cfg.backbone._target_} starts from random weights: use source=scratch")
+    return pretrained
 
 
 def source_statistics(cfg, data, backbone, source_model, regularizer, cache: StageCache | None):
