@@ -70,12 +70,13 @@ class StageCache:
                 return value, True
             log.info("cache miss: %s %s — computing", kind, key)
             self._build(entry, settings, compute)
-        value = self._try_load(kind, key, entry, load)
+        value = self._try_load(kind, key, entry, load, announce=False)
         if value is None:
             raise RuntimeError(f"cache entry {entry} failed validation right after it was written")
         return value, False
 
-    def _try_load(self, kind: str, key: str, entry: Path, load: Callable[[Path], T]) -> T | None:
+    def _try_load(self, kind: str, key: str, entry: Path, load: Callable[[Path], T],
+                  announce: bool = True) -> T | None:
         manifest_path = entry / MANIFEST
         if not manifest_path.is_file():
             return None
@@ -89,7 +90,8 @@ class StageCache:
             log.warning("cache entry %s failed validation (%s: %s); recomputing it", entry, type(e).__name__, e)
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        log.info("cache hit: %s %s", kind, key)
+        if announce:
+            log.info("cache hit: %s %s", kind, key)
         return value
 
     def _build(self, entry: Path, settings: dict, compute: Callable[[Path], None]) -> None:
