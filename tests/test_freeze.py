@@ -96,18 +96,23 @@ def test_always_frozen_is_what_every_epoch_freezes():
     assert LinearProbe().always_frozen(3, epochs=1) == {0, 1, 2}
 
 
+def optimizer_groups(policy, num_blocks: int, lr: float) -> list[dict]:
+    """The param groups TaskModule builds for a CNN of `num_blocks` blocks under `policy`."""
+    backbone = SmallCNN((1, 8, 8), channels=[4] * num_blocks)
+    policy.check(backbone.num_blocks, epochs=1)
+    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), task="target", lr=lr,
+                        lr_scales=policy.lr_scales(backbone.num_blocks))
+    return module.configure_optimizers().param_groups
+
+
 @pytest.mark.parametrize("decay", [0.8, 0.5])
 def test_llrd_param_group_lrs_follow_the_formula(decay):
     from transferlab.freeze.llrd import LayerwiseLRDecay
 
-    backbone = SmallCNN((1, 8, 8), channels=[4, 4, 4, 4])
     policy = LayerwiseLRDecay(decay)
-    policy.check(backbone.num_blocks, epochs=1)
-    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), task="target", lr=0.01,
-                        lr_scales=policy.lr_scales(backbone.num_blocks))
-    groups = module.configure_optimizers().param_groups
-    max_depth = backbone.num_blocks  # the head
-    expected = [0.01 * decay ** (max_depth - depth) for depth in range(backbone.num_blocks)] + [0.01]
+    groups = optimizer_groups(policy, num_blocks=4, lr=0.01)
+    max_depth = 4  # the head
+    expected = [0.01 * decay ** (max_depth - depth) for depth in range(4)] + [0.01]
     assert [g["lr"] for g in groups] == pytest.approx(expected)
     assert [g["name"] for g in groups][-1] == "head" and policy.always_frozen(4, 3) == set()
 
@@ -162,13 +167,8 @@ def test_gradual_unfreezes_one_block_per_epoch_from_the_top():
 def test_gradual_param_group_lrs_follow_the_formula(factor):
     from transferlab.freeze.gradual import GradualUnfreeze
 
-    backbone = SmallCNN((1, 8, 8), channels=[4, 4, 4, 4])
-    policy = GradualUnfreeze(factor)
-    policy.check(backbone.num_blocks, epochs=1)
-    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), task="target", lr=0.01,
-                        lr_scales=policy.lr_scales(backbone.num_blocks))
-    groups = module.configure_optimizers().param_groups
-    n = backbone.num_blocks
+    groups = optimizer_groups(GradualUnfreeze(factor), num_blocks=4, lr=0.01)
+    n = 4
     expected = [0.01 * factor ** -(n - 1 - i) for i in range(n)] + [0.01]
     assert [g["lr"] for g in groups] == pytest.approx(expected)
 
