@@ -678,8 +678,10 @@ def main():
 
     # -- 3. where it goes ---------------------------------------------------------------------
     n_phase = 3
-    phase_runs = [sample(lambda: timed_fit_phases(bench)) for _ in range(n_phase)]
-    hand_runs = [sample(lambda: hand_phases(bench)) for _ in range(n_phase)]
+    phase_runs, hand_runs = [], []
+    for _ in range(n_phase):  # interleaved, like everything else
+        phase_runs.append(sample(lambda: timed_fit_phases(bench)))
+        hand_runs.append(sample(lambda: hand_phases(bench)))
     header(f"3. where transferlab's time goes (one fit, reg none, loggers=[]; medians of {n_phase})")
     print(f"{'phase':<40}{'transferlab s':>14}{'hand loop s':>13}{'extra s':>10}")
     extra_rows = {}
