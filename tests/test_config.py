@@ -88,6 +88,9 @@ def test_validate_names_the_key(overrides, needle):
     assert "\n" not in str(info.value)
 
 
-def test_scratch_ignores_the_source_split():
-    validate(compose_config(["source=scratch", "data.source_classes=[]"]))
-    validate(compose_config(["source=scratch", "data.source_classes=[5,6]"]))
+@pytest.mark.parametrize("source_classes", ["[]", "[5,6]"])
+def test_scratch_ignores_the_source_split(source_classes):
+    """An empty or overlapping source split is an error for a transfer run, not for scratch."""
+    with pytest.raises(ConfigError, match="data.source_classes"):
+        validate(compose_config([f"data.source_classes={source_classes}"]))
+    assert validate(compose_config(["source=scratch", f"data.source_classes={source_classes}"])) is None
