@@ -1,3 +1,4 @@
 from transferlab.cli import main
 
-main()
+if __name__ == "__main__":  # DDP ranks start by spawn, which imports this module again
+    main()

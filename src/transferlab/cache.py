@@ -19,11 +19,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from filelock import FileLock
+
+from transferlab.distributed import broadcast_from_zero, rank_and_world_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +63,8 @@ class StageCache:
         """Return (load(entry), hit). On a miss, `compute(folder)` writes the entry's files."""
         key = cache_key(settings)
         entry = self.root / kind / key
+        if rank_and_world_size()[1] > 1:
+            return self._fetch_together(kind, key, entry, settings, compute, load)
         value = self._try_load(kind, key, entry, load)
         if value is not None:
             return value, True
@@ -74,6 +79,23 @@ class StageCache:
         if value is None:
             raise RuntimeError(f"cache entry {entry} failed validation right after it was written")
         return value, False
+
+    def _fetch_together(self, kind: str, key: str, entry: Path, settings: dict, compute: Callable[[Path], None],
+                        load: Callable[[Path], T]) -> tuple[T, bool]:
+        """Under DDP a missing entry is computed by all ranks together (training is collective):
+        rank 0 decides hit or miss for everyone and alone writes the entry. No file lock here:
+        rank 0 waiting on another job's lock while its peers train would deadlock."""
+        rank = rank_and_world_size()[0]
+        value = self._try_load(kind, key, entry, load) if rank == 0 else None
+        if broadcast_from_zero(value is not None):
+            return (value if rank == 0 else load(entry)), True
+        if rank == 0:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            self._build(entry, settings, compute)
+            return self._try_load(kind, key, entry, load, announce=False), False
+        with tempfile.TemporaryDirectory() as scratch:  # the same computation, not kept
+            compute(Path(scratch))
+            return load(Path(scratch)), False
 
     def _try_load(self, kind: str, key: str, entry: Path, load: Callable[[Path], T],
                   announce: bool = True) -> T | None:

@@ -36,7 +36,7 @@ CONF_DIR = find_conf_dir()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> float | None:
-    from transferlab.errors import TransferlabError
+    from transferlab.errors import Preempted, TransferlabError
     from transferlab.experiment import format_summary, one_line, run_experiment
 
     quiet_third_party_logs()
@@ -46,6 +46,9 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         results = run_experiment(cfg, run_dir)
+    except Preempted as e:  # checkpoint written: stop here (the whole sweep too); rerunning resumes
+        print(f"transferlab: interrupted: {e}", file=sys.stderr)
+        sys.exit(Preempted.exit_code)
     except Exception as e:
         if in_sweep:
             # The job is recorded as failed in its results.json; the sweep goes on, and its

@@ -73,6 +73,13 @@ class TrainerConfig:
     progress_bar: bool = False
     gradient_clip_val: Optional[float] = None
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default, or shared fairly under joblib)
+    strategy: str = "auto"  # Lightning strategy: auto (one process) or ddp (see conf/trainer/ddp*.yaml)
+    num_nodes: int = 1
+    sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch, as in one process
+    pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
+    # Exact resume: the stage checkpoint is written after each epoch's last batch and, when set,
+    # every n optimizer steps (a killed run then loses at most n steps of work).
+    checkpoint_every_n_steps: Optional[int] = None
 
 
 class LoggerBackend(Enum):
@@ -172,6 +179,8 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key}={cfg[section][name]}: must be >= 0")
     if cfg.target.early_stopping_patience is not None:
         positive("target.early_stopping_patience", cfg.target.early_stopping_patience)
+    if cfg.trainer.checkpoint_every_n_steps is not None:
+        positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
 
     src, tgt = list(cfg.data.source_classes), list(cfg.data.target_classes)
     if not tgt:

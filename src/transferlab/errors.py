@@ -11,3 +11,9 @@ class ConfigError(TransferlabError):
 
 class NonFiniteLossError(TransferlabError):
     """The training loss became NaN or infinite."""
+
+
+class Preempted(TransferlabError):
+    """SIGTERM arrived: a checkpoint was written and the run stopped; the same command resumes it."""
+
+    exit_code = 143  # 128 + SIGTERM: interrupted, not failed and not finished

@@ -9,6 +9,7 @@ API), without a subprocess.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from transferlab.config import validate
 from transferlab.data import make_transfer_data
 from transferlab.data.loaders import make_loader
 from transferlab.data.text import tokenize_transfer_data
-from transferlab.errors import ConfigError, TransferlabError
+from transferlab.distributed import barrier, ensure_process_group, is_global_zero, rank_and_world_size
+from transferlab.errors import ConfigError, Preempted, TransferlabError
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
+from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.evaluate import accuracy, token_scores
 from transferlab.stages.source import load_source_checkpoint, obtain_source, source_settings
 from transferlab.stages.target import train_target
@@ -34,17 +37,26 @@ log = logging.getLogger(__name__)
 EVAL_BATCH = 256
 # Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
 # whether a run dir already holds this run.
-EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads")
+EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
+                  "trainer.pin_memory")
 
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run one experiment into `run_dir`; an interrupted run of the same config there is resumed."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    ensure_process_group(cfg)  # under DDP every rank runs this function; rank 0 alone writes
+    writer = is_global_zero()
     previous = completed_run(run_dir, config)
+    resumed = previous is None and interrupted_run(run_dir, config)
+    barrier()  # every rank has read the run dir before rank 0 changes it
     if previous is not None and not cfg.force:
         log.info("skipped: %s already holds a completed run of this config (force=true reruns it)", run_dir)
         return {**previous, "skipped": True}
+    if writer and not resumed:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # an earlier run's, of another config
+    barrier()
     started = time.time()
     sha, dirty = git_state()
     results = {
@@ -53,21 +65,34 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         "metrics": {},
         "config": config,
         "provenance": {"git_sha": sha, "git_dirty": dirty, "versions": package_versions(),
-                       "seed": cfg.seed, "wall_time_s": None},
+                       "seed": cfg.seed, "wall_time_s": None, "resumed": resumed},
     }
-    write_results(run_dir, results)
+    if writer:
+        write_results(run_dir, results)
     try:
         validate(cfg)
-        results["metrics"] = run_stages(cfg, run_dir)
+        with stop_on_sigterm():
+            results["metrics"] = run_stages(cfg, run_dir)
         results["status"] = "completed"
     except BaseException as e:
-        results["status"] = "failed"
+        results["status"] = "interrupted" if isinstance(e, Preempted) else "failed"
         results["error"] = one_line(e)
         raise
     finally:
         results["provenance"]["wall_time_s"] = round(time.time() - started, 3)
-        write_results(run_dir, results)
+        if writer:
+            write_results(run_dir, results)
     return results
+
+
+def interrupted_run(run_dir: Path, config: dict) -> bool:
+    """Whether `run_dir` holds an unfinished run (killed, preempted or failed) of this config,
+    whose stage checkpoints a rerun continues from."""
+    try:
+        previous = read_results(run_dir)
+    except (OSError, ValueError):
+        return False
+    return previous.get("status") != "completed" and comparable(previous.get("config", {})) == comparable(config)
 
 
 def completed_run(run_dir: Path, config: dict) -> dict | None:
@@ -153,6 +178,7 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
             source_model, info = load_source_checkpoint(cfg, data, backbone)
         metrics.update(info)
         metrics["time/source_s"] = round(time.time() - started, 3)
+        fault_point("after:source")
         source_test = make_loader(data.source.test, EVAL_BATCH, shuffle=False)
         metrics["source/test_acc_before"] = accuracy(source_model, source_test)
         if regularizer.needs_source:
@@ -170,6 +196,7 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     target_model, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
+    fault_point("after:target")
     # Selection happened on validation; the test split is evaluated here, once.
     target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
     if data.target.token_level:  # entity-level scores; test_acc = accuracy over scored words
@@ -220,7 +247,8 @@ def check_stage_choices(cfg, mode: str, backbone, freeze, regularizer) -> bool:
 
 def source_statistics(cfg, data, backbone, source_model, regularizer, cache: StageCache | None):
     """The regularizer's statistics of the source stage (EWC's Fisher), cached when possible."""
-    loader = make_loader(data.source.train, EVAL_BATCH, shuffle=False)
+    rank, world_size = rank_and_world_size()  # under DDP each rank takes its share; fisher.py sums them
+    loader = make_loader(data.source.train, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size)
     if cache is None:
         return regularizer.compute_source_statistics(source_model, loader, backbone), None
     settings = {"source": source_settings(cfg, data), "regularizer": type(regularizer).__name__,

@@ -48,6 +48,10 @@ class FreezePolicy(pl.Callback):
             blocks[i].requires_grad_(False)
         self._masked: list = []
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # A run resumed mid-epoch skips on_train_epoch_start: take the epoch's policy here too.
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
         blocks = pl_module.backbone.blocks
         frozen = self.frozen_blocks(trainer.current_epoch, len(blocks))

@@ -15,6 +15,11 @@ class Regularizer(pl.Callback):
 
     needs_source = False  # True: source statistics must be set before the target stage
     active = True  # False: adds nothing, so the stage leaves it out of the callbacks
+    # Attributes (lists of tensors, one per parameter) that define the penalty: the stage
+    # checkpoint saves them, and a resumed run takes them back instead of re-taking anchors
+    # from weights that have moved since the target stage started.
+    state_attributes: tuple[str, ...] = ()
+    _restored: dict | None = None
 
     def attach(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
         """Called when the target stage starts: take references and anchors."""
@@ -44,6 +49,17 @@ class Regularizer(pl.Callback):
     # -- Lightning hooks -----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         self.attach(pl_module.backbone, pl_module.head)
+        if self._restored is not None:  # resuming: Lightning restored this before on_fit_start
+            device = next(pl_module.parameters()).device
+            for name, tensors in self._restored.items():
+                setattr(self, name, [t.to(device) for t in tensors])
+            self._restored = None
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.state_attributes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:

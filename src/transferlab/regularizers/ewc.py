@@ -32,6 +32,7 @@ class Config:
 
 class EWC(Regularizer):
     needs_source = True
+    state_attributes = ("anchors", "fisher")
 
     def __init__(self, lam: float, fisher: bool = False, normalize="none", seed: int = 0):
         self.lam, self.sample_labels, self.seed = lam, fisher, seed

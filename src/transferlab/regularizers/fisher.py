@@ -14,10 +14,13 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
+
+from transferlab.distributed import sum_across_ranks
 
 
 def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: Iterable,
@@ -49,6 +52,11 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
                 count += len(y)
     finally:
         model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # DDP: each rank saw its share of the source set; sum the squares and the counts.
+        count = int(sum_across_ranks([float(count)])[0])
+        for f in fisher.values():
+            dist.all_reduce(f)
     if count == 0:
         raise ValueError("diagonal_fisher: no samples")
     return {name: f / count for name, f in fisher.items()}

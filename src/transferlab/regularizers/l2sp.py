@@ -23,6 +23,8 @@ class Config:
 
 
 class L2SP(Regularizer):
+    state_attributes = ("anchors",)
+
     def __init__(self, alpha: float, beta: float):
         self.alpha, self.beta = alpha, beta
 

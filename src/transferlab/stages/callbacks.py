@@ -30,3 +30,10 @@ class KeepBestWeights(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         if self._best_state is not None:
             pl_module.load_state_dict(self._best_state)
+
+    # In the stage checkpoint: a resumed run keeps comparing against the best epoch so far.
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self._best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch, self._best_state = state["best_score"], state["best_epoch"], state["best_state"]

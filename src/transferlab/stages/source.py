@@ -16,12 +16,13 @@ from omegaconf import OmegaConf
 from transferlab.cache import StageCache
 
 from transferlab.data import TransferData
-from transferlab.data.loaders import make_loader
+from transferlab.distributed import is_global_zero
 from transferlab.errors import TransferlabError
 from transferlab.heads import classification_head
 from transferlab.stages.callbacks import KeepBestWeights
 from transferlab.stages.module import TaskModule
-from transferlab.stages.trainer import finish_loggers, make_loggers, make_trainer
+from transferlab.stages.checkpointing import stage_checkpoint_path
+from transferlab.stages.trainer import fit_stage
 
 CHECKPOINT_FORMAT = "transferlab-source-v1"
 
@@ -31,15 +32,8 @@ def train_source(cfg, data: TransferData, backbone, run_dir: Path) -> tuple[Task
     head = classification_head(backbone.feature_dim, task.num_classes)
     module = TaskModule(backbone, head, task="source", lr=cfg.source.lr, weight_decay=cfg.source.weight_decay)
     best = KeepBestWeights("source/val_acc")
-    loggers = make_loggers(cfg, run_dir, "source")
-    trainer = make_trainer(cfg, epochs=cfg.source.epochs, loggers=loggers, callbacks=[best], run_dir=run_dir)
-    try:
-        trainer.fit(module, make_loader(task.train, cfg.source.batch_size, shuffle=True, seed=cfg.seed),
-                    make_loader(task.val, 256, shuffle=False))
-    except BaseException:
-        finish_loggers(loggers, exit_code=1)
-        raise
-    finish_loggers(loggers, exit_code=0)
+    fit_stage(cfg, module, task, stage="source", epochs=cfg.source.epochs, batch_size=cfg.source.batch_size,
+              seed=cfg.seed, callbacks=[best], run_dir=run_dir)
     return module, {"source/val_acc": best.best_score, "source/best_epoch": best.best_epoch}
 
 
@@ -66,16 +60,22 @@ def source_settings(cfg, data: TransferData) -> dict:
 
 def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: StageCache | None
                   ) -> tuple[TaskModule, dict]:
-    """Train the source stage, or take it from the cache; either way the run dir gets its copy."""
+    """Train the source stage, or take it from the cache; either way the run dir gets its copy.
+    A resumed run whose source stage had finished takes that copy back."""
     run_checkpoint = run_dir / "checkpoints" / "source.pt"
+    if run_checkpoint.is_file():
+        module = load_source_file(run_checkpoint, str(run_checkpoint), cfg, data, backbone)
+        info = torch.load(run_checkpoint, map_location="cpu", weights_only=True).get("info", {})
+        return module, {**info, "cache/source_hit": None}
     if cache is None:
         module, info = train_source(cfg, data, backbone, run_dir)
-        save_source_checkpoint(run_checkpoint, module, cfg, data)
+        save_source_checkpoint(run_checkpoint, module, cfg, data, info)
+        stage_checkpoint_path(run_dir, "source").unlink(missing_ok=True)  # superseded by source.pt
         return module, {**info, "cache/source_hit": None}
 
     def compute(folder: Path) -> None:
         module, info = train_source(cfg, data, backbone, run_dir)
-        save_source_checkpoint(folder / "source.pt", module, cfg, data)
+        save_source_checkpoint(folder / "source.pt", module, cfg, data, info)
         (folder / "info.json").write_text(json.dumps(info))
 
     def load(folder: Path):
@@ -83,12 +83,16 @@ def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: Stage
         return module, json.loads((folder / "info.json").read_text()), folder / "source.pt"
 
     (module, info, cached_file), hit = cache.fetch("source", source_settings(cfg, data), compute, load)
-    run_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached_file, run_checkpoint)
+    if is_global_zero():
+        run_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached_file, run_checkpoint)
+        stage_checkpoint_path(run_dir, "source").unlink(missing_ok=True)  # superseded by source.pt
     return module, {**info, "cache/source_hit": hit}
 
 
-def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferData) -> None:
+def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferData, info: dict) -> None:
+    if not is_global_zero():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -98,6 +102,7 @@ def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferDa
         "source_domains": list(data.source.domains),
         "dataset": data.dataset,
         "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "info": info,  # the source stage's validation metrics, for a resumed run
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)

@@ -9,13 +9,14 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping
 
 from transferlab.data import TransferData
-from transferlab.data.loaders import make_loader
+from transferlab.distributed import is_global_zero
 from transferlab.freeze import FreezePolicy
 from transferlab.heads import classification_head
 from transferlab.regularizers import Regularizer
 from transferlab.stages.callbacks import KeepBestWeights
 from transferlab.stages.module import TaskModule
-from transferlab.stages.trainer import finish_loggers, make_loggers, make_trainer
+from transferlab.stages.checkpointing import stage_checkpoint_path
+from transferlab.stages.trainer import fit_stage
 
 
 def selection_metric(task) -> str:
@@ -30,24 +31,26 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     module = TaskModule(backbone, head, task="target", lr=cfg.target.lr, weight_decay=cfg.target.weight_decay,
                         lr_scales=freeze.lr_scales(len(backbone.blocks)),
                         label_names=task.label_names if task.token_level else None)
+    path = run_dir / "checkpoints" / "target.pt"
+    if path.is_file():  # a resumed run whose target stage had finished: its kept weights and metrics
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        backbone.load_state_dict(saved["backbone"])
+        head.load_state_dict(saved["head"])
+        return module, saved["info"]
     monitor = selection_metric(task)
     best = KeepBestWeights(monitor)
     # No-op policies stay out: Lightning calls every hook of every callback on every step.
     callbacks = [c for c in (freeze, regularizer) if c.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
-    loggers = make_loggers(cfg, run_dir, "target") if loggers is None else loggers
-    trainer = make_trainer(cfg, epochs=cfg.target.epochs, loggers=loggers, callbacks=callbacks, run_dir=run_dir)
-    try:
-        trainer.fit(module, make_loader(task.train, cfg.target.batch_size, shuffle=True, seed=cfg.seed + 1),
-                    make_loader(task.val, 256, shuffle=False))
-    except BaseException:
-        finish_loggers(loggers, exit_code=1)
-        raise
-    finish_loggers(loggers, exit_code=0)
-    path = run_dir / "checkpoints" / "target.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(),
-                "target_classes": list(task.classes)}, path)
-    return module, {monitor: best.best_score, "target/best_epoch": best.best_epoch,
-                    "target/epochs_run": trainer.current_epoch}
+    trainer = fit_stage(cfg, module, task, stage="target", epochs=cfg.target.epochs, batch_size=cfg.target.batch_size,
+                        seed=cfg.seed + 1, callbacks=callbacks, run_dir=run_dir, loggers=loggers)
+    info = {monitor: best.best_score, "target/best_epoch": best.best_epoch, "target/epochs_run": trainer.current_epoch}
+    if is_global_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(),
+                    "target_classes": list(task.classes), "info": info}, tmp)
+        tmp.replace(path)
+        stage_checkpoint_path(run_dir, "target").unlink(missing_ok=True)  # superseded by target.pt
+    return module, info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from transferlab.data.loaders import make_loader
+from transferlab.distributed import is_global_zero, rank_and_world_size
+from transferlab.errors import Preempted
+from transferlab.stages.checkpointing import StageCheckpoint, fitting, stage_checkpoint_path
+
+EVAL_BATCH = 256
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,8 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
 def make_loggers(cfg, run_dir: Path, stage: str) -> list[Logger]:
+    if not is_global_zero():
+        return []  # under DDP rank 0 alone logs
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version=stage)]
     backend = getattr(cfg.logger.backend, "value", cfg.logger.backend)
     if backend == "wandb":
@@ -47,6 +58,7 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
             group=cfg.logger.group or sweep_group or cfg.name, job_type=stage,
             tags=[*cfg.logger.tags, *sweep_tags],
             name=f"{cfg.name}-{stage}-seed{cfg.seed}",
+            id=wandb_run_id(run_dir, stage), resume="allow",  # a resumed stage continues its W&B run
             config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
@@ -58,6 +70,18 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
         log.warning("W&B logging disabled for the %s stage (%s: %s); the CSV log is still written",
                     stage, type(e).__name__, e)
         return None
+
+
+def wandb_run_id(run_dir: Path, stage: str) -> str:
+    """The stage's W&B run id, kept beside its checkpoints: a resumed run logs into the same W&B
+    run; a fresh run (checkpoints cleared) gets a new one."""
+    path = run_dir / "checkpoints" / f"wandb-{stage}.id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
 
 
 def _sweep_identity() -> tuple[str | None, list[str]]:
@@ -85,6 +109,36 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
                 log.warning("W&B finish failed: %s", e)
 
 
+def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int, batch_size: int, seed: int,
+              callbacks: list[pl.Callback], run_dir: Path, loggers: list[Logger] | None = None) -> pl.Trainer:
+    """Train `module` on `task` (train / val splits) for one stage, resuming from the stage's
+    checkpoint when an interrupted run left one; the W&B runs are closed with the right exit code."""
+    rank, world_size = rank_and_world_size()
+    train = make_loader(task.train, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                        pin_memory=cfg.trainer.pin_memory)
+    val = make_loader(task.val, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size,
+                      pin_memory=cfg.trainer.pin_memory)
+    checkpoint = StageCheckpoint(stage_checkpoint_path(run_dir, stage), stage, train.sampler,
+                                 cfg.trainer.checkpoint_every_n_steps)
+    loggers = make_loggers(cfg, run_dir, stage) if loggers is None else loggers
+    trainer = make_trainer(cfg, epochs=epochs, loggers=loggers, callbacks=[*callbacks, checkpoint], run_dir=run_dir)
+    resume = checkpoint.resume_path()
+    if resume:
+        log.info("%s stage: resuming from %s", stage, resume)
+    try:
+        with fitting():
+            trainer.fit(module, train, val, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:  # SIGTERM during validation: Lightning stops; the last checkpoint stands
+        finish_loggers(loggers, exit_code=Preempted.exit_code)
+        raise Preempted(f"stopped by SIGTERM in the {stage} stage; run the same command again to resume "
+                        f"from {checkpoint.path}") from None
+    except BaseException as e:
+        finish_loggers(loggers, exit_code=1 if not isinstance(e, Preempted) else Preempted.exit_code)
+        raise
+    finish_loggers(loggers, exit_code=0)
+    return trainer  # the caller saves the stage's result, then removes the stage checkpoint
+
+
 def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.Callback],
                  run_dir: Path) -> pl.Trainer:
     t = cfg.trainer
@@ -104,6 +158,8 @@ def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        # Our loaders shard every global batch across DDP ranks themselves (data/loaders.py).
+        use_distributed_sampler=False,
     )
     if t.deterministic:
         # Deterministic mode also fills every new uninitialized tensor with NaN (a debugging

@@ -1,0 +1,168 @@
+"""DDP for whole experiments: every rank runs the same `run_experiment`, rank 0 alone writes.
+
+Lightning's own DDP launcher re-runs ``sys.argv`` for ranks > 0; inside a Hydra multirun that
+re-launches the whole sweep (Lightning #11300, #15737; Hydra #2070). Here the process that holds
+the job owns its ranks instead: `launch` starts one child per rank with the job's *resolved*
+config (never the command line), sets the rendezvous environment, and waits for them. Lightning
+then sees processes created externally and launches nothing. Under torchrun or SLURM's srun
+(the ranks already exist) `launch` just runs the experiment in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("SLURM_PROCID", 0)), int(os.environ.get("SLURM_NTASKS", 1))
+
+
+def is_global_zero() -> bool:
+    return rank_and_world_size()[0] == 0
+
+
+def world_size_of(cfg) -> int:
+    t = cfg.trainer
+    if not str(t.strategy).startswith("ddp"):
+        return 1
+    devices = t.devices if isinstance(t.devices, int) else len(t.devices)
+    return devices * t.num_nodes
+
+
+def ranks_exist() -> bool:
+    """Whether an outside launcher (torchrun, srun, our own `launch`) already started the ranks."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) > 1
+
+
+def ensure_process_group(cfg) -> None:
+    """Join the ranks before the first stage: the EWC Fisher and the stage cache's decisions
+    need collectives outside Lightning's fit too (Lightning then reuses this group)."""
+    if world_size_of(cfg) == 1 or dist.is_initialized():
+        return
+    rank, world_size = rank_and_world_size()
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_lists(items: list) -> list:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_from_zero(value):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- the launcher ------------------------------------------------------------------------------
+def launch(cfg, run_dir: Path, run) -> dict:
+    """`run(cfg, run_dir)` once per rank; returns rank 0's results (from its results.json)."""
+    world_size = world_size_of(cfg)
+    if world_size == 1 or ranks_exist():
+        return run(cfg, run_dir)
+    if cfg.trainer.num_nodes > 1:
+        from transferlab.errors import ConfigError
+
+        raise ConfigError(f"trainer.num_nodes={cfg.trainer.num_nodes}: start one process per rank with srun or "
+                          "torchrun (e.g. hydra/launcher=slurm with tasks_per_node = trainer.devices)")
+    from omegaconf import OmegaConf
+
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size), "NODE_RANK": "0"}
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=_rank_main, args=(config_yaml, str(run_dir), rank, env), daemon=False)
+             for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    failed = _wait(ranks)
+    from transferlab.results import read_results
+
+    results = read_results(run_dir)
+    if failed or results.get("status") != "completed":
+        from transferlab.errors import Preempted, TransferlabError
+
+        if results.get("status") == "interrupted":
+            raise Preempted(results.get("error") or "interrupted")
+        raise TransferlabError(results.get("error") or f"DDP rank {failed[0]} exited with code {failed[1]}")
+    return results
+
+
+def _wait(ranks) -> tuple[int, int] | None:
+    """Wait for every rank; when one fails, stop the others (they would block in a collective)."""
+    pending = dict(enumerate(ranks))
+    failed = None
+    while pending:
+        for rank, process in list(pending.items()):
+            process.join(timeout=0.2)
+            if process.exitcode is None:
+                continue
+            del pending[rank]
+            if process.exitcode != 0 and failed is None:
+                failed = (rank, process.exitcode)
+                for other in pending.values():
+                    other.terminate()
+    return failed
+
+
+def _rank_main(config_yaml: str, run_dir: str, rank: int, env: dict) -> None:
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    from omegaconf import OmegaConf
+
+    from transferlab.config import Config, register_schemas
+    from transferlab.errors import Preempted, TransferlabError
+    from transferlab.experiment import run_experiment
+
+    register_schemas()
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml))
+    try:
+        run_experiment(cfg, Path(run_dir))
+    except Preempted:
+        raise SystemExit(Preempted.exit_code)
+    except TransferlabError as e:
+        if rank == 0:
+            log.error("%s", e)
+        raise SystemExit(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

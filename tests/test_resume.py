@@ -1,0 +1,93 @@
+"""Exact resume: a run killed (SIGKILL) in the source stage, between stages, in the target stage
+(mid-epoch and right after an epoch's last batch) or during evaluation, then started again with
+the same command, finishes with the same metrics as a run never interrupted. SIGTERM stops a
+run cleanly with a checkpoint. Runs are interrupted at exact steps through the
+TRANSFERLAB_KILL_AT hook (stages/checkpointing.py), not by sleeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Dropout (the RNG), EWC (Fisher and anchors), gradual unfreezing (the schedule's position):
+# everything a resume must restore. Digits: 19 target steps per epoch.
+RUN = ["logger=csv", "cache=off", "backbone=mlp", "backbone.hidden=[32,32]", "backbone.dropout=0.3",
+       "freeze=gradual", "regularizer=ewc", "source.epochs=2", "target.epochs=3", "source.lr=1e-2",
+       "target.lr=1e-2", "trainer.checkpoint_every_n_steps=5"]
+
+
+def transferlab(run_dir: Path, *overrides: str, kill_at: str | None = None, signal_name: str = "KILL"):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("TRANSFERLAB_KILL_AT", None)
+    if kill_at:
+        env.update(TRANSFERLAB_KILL_AT=kill_at, TRANSFERLAB_KILL_SIGNAL=signal_name)
+    return subprocess.run([sys.executable, "-m", "transferlab", *RUN, *overrides, f"hydra.run.dir={run_dir}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed", results["error"]
+    # time/* are wall times; cache/* say where a stage came from, not what it computed.
+    return {k: v for k, v in results["metrics"].items() if not k.startswith(("time/", "cache/"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    done = transferlab(run_dir)
+    assert done.returncode == 0, done.stderr
+    return metrics(run_dir)
+
+
+def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, uninterrupted):
+    # One run dir, killed again at each later point: every rerun resumes a resumed run.
+    points = ["source:step13",   # mid-epoch in the source stage (last checkpoint: step 10)
+              "after:source",    # between the stages
+              "target:step19",   # the end of the target stage's first epoch (its last batch)
+              "target:step33",   # mid-epoch (last checkpoint: step 30), the freeze schedule at epoch 1
+              "after:target"]    # during evaluation
+    left_behind = []
+    for point in points:
+        killed = transferlab(tmp_path, kill_at=point)
+        assert killed.returncode == -signal.SIGKILL, f"{point}: {killed.stderr[-2000:]}"
+        status = json.loads((tmp_path / "results.json").read_text())["status"]
+        assert status == "running", f"{point}: a killed run must not look finished ({status})"
+        left_behind.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("*.*t")))
+    assert left_behind == [["source.ckpt"], ["source.pt"], ["source.pt", "target.ckpt"],
+                           ["source.pt", "target.ckpt"], ["source.pt", "target.pt"]]
+    finished = transferlab(tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["provenance"]["resumed"] is True
+    assert metrics(tmp_path) == uninterrupted
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt")), "a finished stage removes its training checkpoint"
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
+    stopped = transferlab(tmp_path, kill_at="target:step7", signal_name="TERM")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "interrupted: stopped by SIGTERM in the target stage at step 7" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    assert (tmp_path / "checkpoints" / "target.ckpt").is_file()
+    resumed = transferlab(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(tmp_path) == uninterrupted
+
+
+def test_a_different_config_does_not_resume_from_stale_checkpoints(tmp_path):
+    killed = transferlab(tmp_path, kill_at="target:step6")
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "checkpoints" / "target.ckpt").is_file()
+    changed = transferlab(tmp_path, "target.lr=5e-3", kill_at="source:step1")
+    assert changed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "checkpoints" / "target.ckpt").exists(), "another config's checkpoint was kept"
+    assert not (tmp_path / "checkpoints" / "source.pt").exists()
