@@ -73,6 +73,7 @@ class TrainerConfig:
     progress_bar: bool = False
     gradient_clip_val: Optional[float] = None
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default, or shared fairly under joblib)
+    pin_memory: bool = False  # page-locked host batches: faster, asynchronous copies to a GPU
 
 
 class LoggerBackend(Enum):

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 EVAL_BATCH = 256
 # Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
 # whether a run dir already holds this run.
-EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads")
+EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads", "trainer.pin_memory")
 
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:

@@ -21,7 +21,10 @@ class TensorBatches(Dataset):
         return self.x[index], self.y[index]
 
 
-def make_loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool, seed: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """`pin_memory`: each batch is copied into page-locked memory, so its copy to a GPU
+    (`TaskModule.transfer_batch_to_device`, non_blocking) runs asynchronously. CPU runs: leave off."""
     dataset = TensorBatches(*split)
     if shuffle:
         generator = torch.Generator().manual_seed(seed)
@@ -29,4 +32,4 @@ def make_loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, sh
     else:
         sampler = SequentialSampler(dataset)
     batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
-    return DataLoader(dataset, sampler=batches, batch_size=None)
+    return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin_memory)

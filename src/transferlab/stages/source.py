@@ -31,11 +31,13 @@ def train_source(cfg, data: TransferData, backbone, run_dir: Path) -> tuple[Task
     head = classification_head(backbone.feature_dim, task.num_classes)
     module = TaskModule(backbone, head, task="source", lr=cfg.source.lr, weight_decay=cfg.source.weight_decay)
     best = KeepBestWeights("source/val_acc")
+    pin = cfg.trainer.pin_memory
+    train = make_loader(task.train, cfg.source.batch_size, shuffle=True, seed=cfg.seed, pin_memory=pin)
+    val = make_loader(task.val, 256, shuffle=False, pin_memory=pin)
     loggers = make_loggers(cfg, run_dir, "source")
     trainer = make_trainer(cfg, epochs=cfg.source.epochs, loggers=loggers, callbacks=[best], run_dir=run_dir)
     try:
-        trainer.fit(module, make_loader(task.train, cfg.source.batch_size, shuffle=True, seed=cfg.seed),
-                    make_loader(task.val, 256, shuffle=False))
+        trainer.fit(module, train, val)
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise

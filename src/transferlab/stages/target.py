@@ -36,11 +36,13 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     callbacks = [c for c in (freeze, regularizer) if c.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
+    pin = cfg.trainer.pin_memory
+    train = make_loader(task.train, cfg.target.batch_size, shuffle=True, seed=cfg.seed + 1, pin_memory=pin)
+    val = make_loader(task.val, 256, shuffle=False, pin_memory=pin)
     loggers = make_loggers(cfg, run_dir, "target") if loggers is None else loggers
     trainer = make_trainer(cfg, epochs=cfg.target.epochs, loggers=loggers, callbacks=callbacks, run_dir=run_dir)
     try:
-        trainer.fit(module, make_loader(task.train, cfg.target.batch_size, shuffle=True, seed=cfg.seed + 1),
-                    make_loader(task.val, 256, shuffle=False))
+        trainer.fit(module, train, val)
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise
