@@ -31,6 +31,7 @@ from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.evaluate import accuracy, token_scores
 from transferlab.stages.source import load_source_checkpoint, obtain_source, source_settings
 from transferlab.stages.target import train_target
+from transferlab.stages.trainer import stage_device
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("tokenized in %.1f s", time.time() - started)
 
     metrics: dict = {f"data/target_{k}_size": v for k, v in data.target.sizes().items()}
+    device = stage_device(cfg.trainer)  # evaluation and the Fisher run where training ran
     source_model = None
     if has_source:
         metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
@@ -180,7 +182,7 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["time/source_s"] = round(time.time() - started, 3)
         fault_point("after:source")
         source_test = make_loader(data.source.test, EVAL_BATCH, shuffle=False)
-        metrics["source/test_acc_before"] = accuracy(source_model, source_test)
+        metrics["source/test_acc_before"] = accuracy(source_model.to(device), source_test)
         if regularizer.needs_source:
             started = time.time()
             stats, hit = source_statistics(cfg, data, backbone, source_model, regularizer,
@@ -200,13 +202,13 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     # Selection happened on validation; the test split is evaluated here, once.
     target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
     if data.target.token_level:  # entity-level scores; test_acc = accuracy over scored words
-        scores = token_scores(target_model, target_test, data.target.label_names)
+        scores = token_scores(target_model.to(device), target_test, data.target.label_names)
         metrics.update({f"target/test_{k}": v for k, v in scores.items()})
     else:
-        metrics["target/test_acc"] = accuracy(target_model, target_test)
+        metrics["target/test_acc"] = accuracy(target_model.to(device), target_test)
 
     if source_model is not None:
-        metrics["source/test_acc_after"] = accuracy(source_model, source_test)
+        metrics["source/test_acc_after"] = accuracy(source_model.to(device), source_test)
         metrics["transfer/forgetting"] = metrics["source/test_acc_before"] - metrics["source/test_acc_after"]
     else:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,

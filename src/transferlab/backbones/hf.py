@@ -95,11 +95,30 @@ class HFEncoder(Backbone):
                               "(embeddings + encoder.layer); use a BERT/RoBERTa/MiniLM/ELECTRA model")
         if num_layers is not None and num_layers > len(layers):
             raise ConfigError(f"backbone.num_layers={num_layers}: {name} has only {len(layers)} layers")
+        self._adopt(model, name, pooling)
+
+    def _adopt(self, model, name: str, pooling: str) -> None:
         self.name, self.pooling = name, pooling
         self.model_config = model.config
-        self.blocks = nn.ModuleList([model.embeddings, *layers])
+        self.blocks = nn.ModuleList([model.embeddings, *model.encoder.layer])
         self.feature_dim = model.config.hidden_size
         self.train()  # from_pretrained returns eval mode; Lightning decides from here on
+
+    @classmethod
+    def from_config(cls, config, pooling: str = "mean") -> "HFEncoder":
+        """A randomly initialized encoder of `config`'s architecture (a transformers config, e.g.
+        `BertConfig(hidden_size=384, ...)`): no files, no network, no tokenizer (`tokenizer` is
+        None), not pretrained. For benchmarks and tests that feed token ids directly."""
+        if pooling not in POOLINGS:
+            raise ConfigError(f"backbone.pooling={pooling}: choose one of {', '.join(POOLINGS)}")
+        transformers = import_transformers(cls.option)
+        encoder = cls.__new__(cls)  # skips __init__'s loading; everything else as __init__ sets it
+        Backbone.__init__(encoder)
+        encoder.tokenizer, encoder.pretrained = None, False
+        with quiet_transformers(transformers):
+            model = transformers.AutoModel.from_config(config)
+        encoder._adopt(model, f"random {config.model_type}", pooling)
+        return encoder
 
     def forward(self, batch: dict) -> torch.Tensor:
         hidden, mask = self.token_features(batch), batch["attention_mask"]

@@ -79,9 +79,10 @@ def with_grads(params: Tensors, *others: Tensors) -> tuple[Tensors, ...]:
             *([other[i] for i in keep] for other in others))
 
 
-def sum_of_squares(tensors: Tensors) -> torch.Tensor:
+def sum_of_squares(tensors: Tensors, device: torch.device | None = None) -> torch.Tensor:
+    """Sum of squared entries of `tensors`; 0 on `device` (the parameters' device) when empty."""
     if not tensors:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     # Accumulate in float64: a float32 norm of a transformer's 11.7M-entry embedding matrix is
     # off by ~5e-4 (relative) on CPU. This runs on logging steps only, so the cost does not matter.
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)

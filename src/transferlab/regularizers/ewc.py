@@ -11,7 +11,7 @@ import torch
 from omegaconf import MISSING
 
 from transferlab.errors import ConfigError
-from transferlab.regularizers.base import Regularizer, with_grads
+from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
 from transferlab.regularizers.fisher import diagonal_fisher, normalize_fisher
 
 
@@ -51,11 +51,14 @@ class EWC(Regularizer):
         return {to_backbone[name]: f for name, f in fisher.items()}
 
     def set_source_statistics(self, stats, backbone) -> None:
+        """`stats` may live anywhere (the cache loads them on the CPU): they are moved to the
+        parameters' device and dtype, here and again in `attach` (Lightning moves the backbone
+        to the accelerator between the two)."""
         named = dict(backbone.named_parameters())
         if set(stats) != set(named) or any(stats[n].shape != p.shape for n, p in named.items()):
             raise ValueError("EWC: the Fisher does not match the backbone's parameters")
         fisher = normalize_fisher(stats, self.normalize)
-        self.fisher = [fisher[name] for name in named]
+        self.fisher = [fisher[name].to(p) for name, p in named.items()]
         self.anchors = [p.detach().clone() for p in named.values()]
 
     def attach(self, backbone, head) -> None:
@@ -63,6 +66,9 @@ class EWC(Regularizer):
             raise ConfigError("regularizer=ewc needs a source stage to estimate its Fisher: "
                               "use source=train or source=checkpoint")
         self.shared = list(backbone.parameters())
+        # No copy when they are there already (.to returns the tensor itself).
+        self.fisher = [f.to(p) for f, p in zip(self.fisher, self.shared)]
+        self.anchors = [a.to(p) for a, p in zip(self.anchors, self.shared)]
 
     def add_penalty_grad_(self) -> None:
         grads, params, anchors, fisher = with_grads(self.shared, self.anchors, self.fisher)
@@ -70,8 +76,11 @@ class EWC(Regularizer):
             torch._foreach_addcmul_(grads, torch._foreach_sub(params, anchors), fisher, value=self.lam)
 
     def penalty(self) -> torch.Tensor:
-        total = torch.zeros(())
-        for p, a, f in zip(self.shared, self.anchors, self.fisher):
-            if p.requires_grad:
-                total = total + (f * (p - a).square()).sum()
-        return self.lam / 2 * total
+        # sum F (w - w*)^2 = ||sqrt(F) (w - w*)||^2 (F >= 0): fused ops, one float64 reduction.
+        moving = [(p, a, f) for p, a, f in zip(self.shared, self.anchors, self.fisher) if p.requires_grad]
+        if not moving:
+            return torch.zeros((), device=self.shared[0].device)
+        params, anchors, fisher = zip(*moving)
+        weighted = torch._foreach_sub(params, anchors)
+        torch._foreach_mul_(weighted, torch._foreach_sqrt(fisher))
+        return self.lam / 2 * sum_of_squares(weighted)

@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from transferlab.distributed import sum_across_ranks
+from transferlab.stages.evaluate import to_device
 
 
 def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: Iterable,
@@ -29,6 +30,7 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     was_training = model.training
     model.eval()
     weights = {name: p.detach() for name, p in params.items()}
+    device = next(iter(weights.values())).device  # CPU batches are moved to the weights' device
     generator = torch.Generator().manual_seed(seed)
 
     def sample_loss(weights, x, y):
@@ -43,7 +45,8 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
         # Outer no_grad: torch.func.grad still differentiates inside, but records no graph
         # through the parameters it does not differentiate (the head) into the result.
         with torch.no_grad():
-            for x, y in batches:
+            for batch in batches:
+                x, y = to_device(batch, device)
                 if sample_labels:
                     probs = F.softmax(model(x), dim=-1)
                     y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)

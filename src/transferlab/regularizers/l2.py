@@ -27,4 +27,5 @@ class L2(Regularizer):
             torch._foreach_add_(grads, params, alpha=self.alpha)
 
     def penalty(self) -> torch.Tensor:
-        return self.alpha / 2 * sum_of_squares([p for p in self.params if p.requires_grad])
+        trainable = [p for p in self.params if p.requires_grad]
+        return self.alpha / 2 * sum_of_squares(trainable, device=self.params[0].device)

@@ -44,4 +44,6 @@ class L2SP(Regularizer):
     def penalty(self) -> torch.Tensor:
         moving = [(p, a) for p, a in zip(self.shared, self.anchors) if p.requires_grad]
         drift = torch._foreach_sub([p for p, _ in moving], [a for _, a in moving]) if moving else []
-        return self.alpha / 2 * sum_of_squares(drift) + self.beta / 2 * sum_of_squares(self.head)
+        device = self.shared[0].device
+        return (self.alpha / 2 * sum_of_squares(drift, device)
+                + self.beta / 2 * sum_of_squares(self.head, device))

@@ -1,4 +1,5 @@
-"""Accuracy of a model on a split: one pass in eval mode, no gradients."""
+"""Accuracy of a model on a split: one pass in eval mode, no gradients, on the model's device
+(CPU batches are moved there; Lightning leaves a model on the CPU after `fit`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,29 @@ import torch
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch, device: torch.device):
+    """A (x, y) batch, x a tensor or a dict of tensors (text), on `device`."""
+    x, y = batch
+    if isinstance(x, dict):
+        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    else:
+        x = x.to(device, non_blocking=True)
+    return x, y.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, loader) -> float:
     was_training = model.training
     model.eval()
+    device = model_device(model)
     correct = total = 0
     try:
-        for x, y in loader:
+        for batch in loader:
+            x, y = to_device(batch, device)
             correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
     finally:
@@ -47,9 +64,11 @@ def entity_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dic
 def token_scores(model: nn.Module, loader, label_names: list[str]) -> dict[str, float]:
     was_training = model.training
     model.eval()
+    device = model_device(model)
     true_tags, pred_tags = [], []
     try:
-        for x, y in loader:
+        for batch in loader:
+            x, y = to_device(batch, device)
             t, p = tag_sequences(model(x), y, label_names)
             true_tags += t
             pred_tags += p

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.errors import NonFiniteLossError
-from transferlab.stages.evaluate import entity_scores, tag_sequences
+from transferlab.stages.evaluate import entity_scores, tag_sequences, to_device
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -64,12 +64,7 @@ class TaskModule(pl.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # Our batches are (x, y): x a tensor (images) or a dict of tensors (tokenized text).
         # Moving them directly skips Lightning's generic walk over the collection.
-        x, y = batch
-        if isinstance(x, dict):
-            x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
-        else:
-            x = x.to(device, non_blocking=True)
-        return x, y.to(device, non_blocking=True)
+        return to_device(batch, device)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -139,6 +139,16 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
     return trainer  # the caller saves the stage's result, then removes the stage checkpoint
 
 
+def stage_device(trainer_cfg) -> torch.device:
+    """Where a model runs outside `fit` (test evaluation, EWC's Fisher): the trainer's accelerator.
+    Lightning's teardown moves the model back to the CPU after every fit; `torch.device("cuda")`
+    is the current CUDA device, the one Lightning selected for this process."""
+    accelerator = str(getattr(trainer_cfg.accelerator, "value", trainer_cfg.accelerator))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.Callback],
                  run_dir: Path) -> pl.Trainer:
     t = cfg.trainer
