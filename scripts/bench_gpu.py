@@ -58,6 +58,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 import transferlab.stages.target as tl_target  # noqa: E402
+import transferlab.stages.trainer as tl_trainer  # noqa: E402
 from transferlab.backbones.hf import HFEncoder  # noqa: E402
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402
@@ -193,7 +194,7 @@ def run_transferlab(env: Env, cfg, backbone: HFEncoder, data: TransferData, regu
         return make_trainer(cfg, callbacks=[*callbacks, timer], **kwargs)
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as run_dir, \
-            mock.patch.object(tl_target, "make_trainer", timed_make_trainer):
+            mock.patch.object(tl_trainer, "make_trainer", timed_make_trainer):
         tl_target.train_target(cfg, data, backbone, freeze, regularizer, Path(run_dir))
     if timer.start is None or timer.end is None:
         raise RuntimeError(f"the timed window was not reached: {len(data.target.train[1])} training examples")
