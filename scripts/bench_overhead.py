@@ -59,7 +59,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from torch import nn  # noqa: E402
 
-import transferlab.stages.target as tl_target  # noqa: E402
+import transferlab.stages.trainer as tl_trainer  # noqa: E402
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402
 from transferlab.data import make_transfer_data  # noqa: E402
@@ -168,8 +168,9 @@ class Bench:
             lam, anchors, fisher = ewc.lam, ewc.anchors, ewc.fisher
         best = -1.0
         step_s = val_s = data_s = 0.0
-        for _ in range(epochs):
+        for epoch in range(epochs):
             backbone.train(), head.train()
+            train.sampler.set_epoch(epoch)  # what Lightning does: each epoch's seeded order
             t = time.perf_counter()
             batches = iter(train)
             while True:
@@ -217,7 +218,7 @@ class Bench:
 _EXTRA_CALLBACKS: list = []
 FLAGS = types.SimpleNamespace(manual=False, clip_val=None, force_fill=None)
 _TRAINER_KWARGS: dict = {}  # cfg.trainer keys to override (deterministic, gradient_clip_val, ...)
-_original_make_trainer = tl_target.make_trainer
+_original_make_trainer = tl_trainer.make_trainer
 
 
 def _patched_make_trainer(cfg, *, epochs, loggers, callbacks, run_dir):
@@ -242,7 +243,7 @@ def _patched_make_trainer(cfg, *, epochs, loggers, callbacks, run_dir):
     return trainer
 
 
-tl_target.make_trainer = _patched_make_trainer
+tl_trainer.make_trainer = _patched_make_trainer  # what fit_stage calls
 
 
 class extra:

@@ -19,7 +19,7 @@ import pytest
 # everything a resume must restore. Digits: 19 target steps per epoch.
 RUN = ["logger=csv", "cache=off", "backbone=mlp", "backbone.hidden=[32,32]", "backbone.dropout=0.3",
        "freeze=gradual", "regularizer=ewc", "source.epochs=2", "target.epochs=3", "source.lr=1e-2",
-       "target.lr=1e-2", "trainer.checkpoint_every_n_steps=5"]
+       "target.lr=1e-2", "trainer.checkpoint_interval_s=null"]
 
 
 def transferlab(run_dir: Path, *overrides: str, kill_at: str | None = None, signal_name: str = "KILL"):
@@ -48,14 +48,15 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, uninterrupted):
     # One run dir, killed again at each later point: every rerun resumes a resumed run.
-    points = ["source:step13",   # mid-epoch in the source stage (last checkpoint: step 10)
-              "after:source",    # between the stages
-              "target:step19",   # the end of the target stage's first epoch (its last batch)
-              "target:step33",   # mid-epoch (last checkpoint: step 30), the freeze schedule at epoch 1
-              "after:target"]    # during evaluation
+    # (Checkpoint settings only decide when a run saves, so each run may use its own.)
+    points = [("source:step13", 5),   # mid-epoch in the source stage (last checkpoint: step 10)
+              ("after:source", 5),    # between the stages
+              ("target:step20", 19),  # target epoch 1 (last checkpoint: step 19, the end of epoch 0)
+              ("target:step33", 5),   # mid-epoch (last checkpoint: step 30), the freeze schedule at epoch 1
+              ("after:target", 5)]    # during evaluation
     left_behind = []
-    for point in points:
-        killed = transferlab(tmp_path, kill_at=point)
+    for point, every_n_steps in points:
+        killed = transferlab(tmp_path, f"trainer.checkpoint_every_n_steps={every_n_steps}", kill_at=point)
         assert killed.returncode == -signal.SIGKILL, f"{point}: {killed.stderr[-2000:]}"
         status = json.loads((tmp_path / "results.json").read_text())["status"]
         assert status == "running", f"{point}: a killed run must not look finished ({status})"
@@ -71,20 +72,26 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, uninterrup
 
 
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
-    stopped = transferlab(tmp_path, kill_at="target:step7", signal_name="TERM")
+    stopped = transferlab(tmp_path, "logger=wandb", kill_at="target:step7", signal_name="TERM")
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "interrupted: stopped by SIGTERM in the target stage at step 7" in stopped.stderr
     assert "Traceback" not in stopped.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "interrupted"
     assert (tmp_path / "checkpoints" / "target.ckpt").is_file()
-    resumed = transferlab(tmp_path)
+    resumed = transferlab(tmp_path, "logger=wandb")
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(tmp_path) == uninterrupted
+    # W&B: the resumed target stage logs into the run it started (same id; offline, a second
+    # folder of that run for `wandb sync`), the source stage kept its single run.
+    target_id = (tmp_path / "checkpoints" / "wandb-target.id").read_text()
+    source_id = (tmp_path / "checkpoints" / "wandb-source.id").read_text()
+    runs = [p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")]
+    assert sorted(runs) == sorted([source_id, target_id, target_id])
 
 
 def test_a_different_config_does_not_resume_from_stale_checkpoints(tmp_path):
-    killed = transferlab(tmp_path, kill_at="target:step6")
+    killed = transferlab(tmp_path, "trainer.checkpoint_every_n_steps=5", kill_at="target:step6")
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "checkpoints" / "target.ckpt").is_file()
     changed = transferlab(tmp_path, "target.lr=5e-3", kill_at="source:step1")

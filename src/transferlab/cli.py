@@ -36,6 +36,7 @@ CONF_DIR = find_conf_dir()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> float | None:
+    from transferlab.distributed import launch
     from transferlab.errors import Preempted, TransferlabError
     from transferlab.experiment import format_summary, one_line, run_experiment
 
@@ -45,7 +46,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     share_cpu_with_parallel_jobs(cfg, hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        results = run_experiment(cfg, run_dir)
+        results = launch(cfg, run_dir, run_experiment)  # under DDP: one process per rank
     except Preempted as e:  # checkpoint written: stop here (the whole sweep too); rerunning resumes
         print(f"transferlab: interrupted: {e}", file=sys.stderr)
         sys.exit(Preempted.exit_code)

@@ -77,8 +77,9 @@ class TrainerConfig:
     num_nodes: int = 1
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch, as in one process
     pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
-    # Exact resume: the stage checkpoint is written after each epoch's last batch and, when set,
-    # every n optimizer steps (a killed run then loses at most n steps of work).
+    # Exact resume: a stage checkpoint is written every `checkpoint_interval_s` seconds of training
+    # (null: never on time) and, when set, every n optimizer steps; SIGTERM always writes one.
+    checkpoint_interval_s: Optional[float] = 300.0
     checkpoint_every_n_steps: Optional[int] = None
 
 
@@ -179,6 +180,12 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key}={cfg[section][name]}: must be >= 0")
     if cfg.target.early_stopping_patience is not None:
         positive("target.early_stopping_patience", cfg.target.early_stopping_patience)
+    if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
+                          "set it to false for CPU DDP (each rank then normalizes with its own batch statistics)")
+    if cfg.trainer.checkpoint_interval_s is not None and cfg.trainer.checkpoint_interval_s < 0:
+        raise ConfigError(f"trainer.checkpoint_interval_s={cfg.trainer.checkpoint_interval_s}: must be >= 0 "
+                          "(0: every step; null: only every checkpoint_every_n_steps and on SIGTERM)")
     if cfg.trainer.checkpoint_every_n_steps is not None:
         positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
 

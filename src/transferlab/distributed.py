@@ -56,9 +56,14 @@ def ensure_process_group(cfg) -> None:
     if world_size_of(cfg) == 1 or dist.is_initialized():
         return
     rank, world_size = rank_and_world_size()
+    if "MASTER_ADDR" not in os.environ and "SLURM_NTASKS" in os.environ:  # srun: the rendezvous from SLURM
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment()
+        os.environ.update(MASTER_ADDR=slurm.main_address, MASTER_PORT=str(slurm.main_port))
     gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
     if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
 
 
@@ -146,10 +151,14 @@ def _rank_main(config_yaml: str, run_dir: str, rank: int, env: dict) -> None:
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     from omegaconf import OmegaConf
 
+    from transferlab.cli import quiet_third_party_logs
     from transferlab.config import Config, register_schemas
     from transferlab.errors import Preempted, TransferlabError
     from transferlab.experiment import run_experiment
 
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")
+    quiet_third_party_logs()
     register_schemas()
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml))
     try:

@@ -39,7 +39,7 @@ EVAL_BATCH = 256
 # Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
 # whether a run dir already holds this run.
 EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
-                  "trainer.pin_memory")
+                  "trainer.checkpoint_interval_s", "trainer.pin_memory")
 
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -66,7 +66,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         "metrics": {},
         "config": config,
         "provenance": {"git_sha": sha, "git_dirty": dirty, "versions": package_versions(),
-                       "seed": cfg.seed, "wall_time_s": None, "resumed": resumed},
+                       "seed": cfg.seed, "wall_time_s": None, "resumed": resumed,
+                       "world_size": rank_and_world_size()[1]},
     }
     if writer:
         write_results(run_dir, results)

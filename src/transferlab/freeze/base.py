@@ -41,7 +41,9 @@ class FreezePolicy(pl.Callback):
             raise ConfigError(message)
 
     # -- Lightning hooks -----------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        # Before DDP wraps the model (strategy setup): DDP registers the parameters that need
+        # gradients when it wraps, so always-frozen ones must be marked before, not after.
         blocks = pl_module.backbone.blocks
         self._static = self.always_frozen(len(blocks), trainer.max_epochs)
         for i in self._static:

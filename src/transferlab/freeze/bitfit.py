@@ -35,8 +35,8 @@ class BitFit(FreezePolicy):
     def trainable_backbone_params(self, backbone: nn.Module, epochs: int) -> int:
         return sum(p.numel() for name, p in backbone.blocks.named_parameters() if is_bias(name))
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         for name, p in pl_module.backbone.blocks.named_parameters():
             if not is_bias(name):
                 p.requires_grad_(False)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferlab.distributed import gather_lists, sum_across_ranks
 from transferlab.errors import NonFiniteLossError
 from transferlab.stages.evaluate import entity_scores, tag_sequences, to_device
 
@@ -101,15 +102,18 @@ class TaskModule(pl.LightningModule):
         self._val_count += len(y)
 
     def on_validation_epoch_end(self) -> None:
-        count = max(self._val_count, 1)
+        # Under DDP each rank validated its share: sum the counts (and gather the tag
+        # sequences), so every rank logs the metric of the whole validation set.
+        correct, loss, count = sum_across_ranks([float(self._val_correct), float(self._val_loss), self._val_count])
+        count = max(count, 1)
         if self.token_level:  # selection on entity F1, the metric NER is judged by
-            scores = entity_scores(self._val_true, self._val_pred)
+            scores = entity_scores(gather_lists(self._val_true), gather_lists(self._val_pred))
             self.log(f"{self.task}/val_f1", scores["f1"])
             self.log(f"{self.task}/val_acc", scores["acc"])
             self._val_true, self._val_pred = [], []
         else:
-            self.log(f"{self.task}/val_acc", self._val_correct / count)
-        self.log(f"{self.task}/val_loss", self._val_loss / count)
+            self.log(f"{self.task}/val_acc", correct / count)
+        self.log(f"{self.task}/val_loss", loss / count)
         self._val_correct = self._val_loss = self._val_count = 0
 
     def configure_optimizers(self):

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # Lightning warns about single-process data loading; our loaders index in-memory tensors.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+# Our validation metrics are summed across DDP ranks before self.log (TaskModule).
+warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
 
 
 def make_loggers(cfg, run_dir: Path, stage: str) -> list[Logger]:
@@ -119,7 +121,7 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
     val = make_loader(task.val, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size,
                       pin_memory=cfg.trainer.pin_memory)
     checkpoint = StageCheckpoint(stage_checkpoint_path(run_dir, stage), stage, train.sampler,
-                                 cfg.trainer.checkpoint_every_n_steps)
+                                 cfg.trainer.checkpoint_every_n_steps, cfg.trainer.checkpoint_interval_s)
     loggers = make_loggers(cfg, run_dir, stage) if loggers is None else loggers
     trainer = make_trainer(cfg, epochs=epochs, loggers=loggers, callbacks=[*callbacks, checkpoint], run_dir=run_dir)
     resume = checkpoint.resume_path()
@@ -156,6 +158,9 @@ def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.
         max_epochs=epochs,
         accelerator=t.accelerator,
         devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        sync_batchnorm=t.sync_batchnorm,
         precision=t.precision,
         deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps,
