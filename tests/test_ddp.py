@@ -16,7 +16,7 @@ import pytest
 # No dropout and no BatchNorm: with them each rank draws its own masks / batch statistics, so
 # the runs would differ by design, not by a bug. EWC covers the Fisher computed across ranks;
 # freeze=partial a block frozen before DDP wraps the model (DDP must not expect its gradients).
-RUN = ["logger=csv", "cache=off", "backbone=mlp", "backbone.hidden=[32,32]", "freeze=partial", "regularizer=ewc",
+RUN = ["logger=csv", "backbone=mlp", "backbone.hidden=[32,32]", "freeze=partial", "regularizer=ewc",
        "regularizer.lam=10", "source.epochs=2", "target.epochs=2", "trainer.log_every_n_steps=2"]
 # One example in either test split may flip between runs: float sums run in another order.
 TOLERANCE = {"acc": 1 / 180, "penalty": 1e-4}
@@ -34,9 +34,11 @@ def penalties(run_dir: Path) -> dict[int, float]:
 
 
 def test_two_processes_match_one_process(tmp_path):
-    single = transferlab(*RUN, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    # Separate stage caches: the DDP run must train its source stage, not reuse the other's.
+    single = transferlab(*RUN, f"hydra.run.dir={tmp_path / 'one'}", f"cache.dir={tmp_path / 'cache1'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    ddp = transferlab(*RUN, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    ddp = transferlab(*RUN, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}", f"cache.dir={tmp_path / 'cache2'}",
+                      cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "ddp"))
     assert (one["provenance"]["world_size"], two["provenance"]["world_size"]) == (1, 2)
@@ -51,8 +53,12 @@ def test_two_processes_match_one_process(tmp_path):
     for step in p1:
         assert p2[step] == pytest.approx(p1[step], rel=TOLERANCE["penalty"]), step
     assert p1[max(p1)] > 0
-    # Rank 0 alone writes: one results.json, one CSV log per stage.
+    # Rank 0 alone writes: one CSV log per stage, one cache entry per cached computation.
     assert sorted(p.parent.name for p in tmp_path.joinpath("ddp").rglob("metrics.csv")) == ["source", "target"]
+    assert two["metrics"]["cache/source_hit"] is False and two["metrics"]["cache/source_statistics_hit"] is False
+    entries = sorted(p.parent.parent.name for p in (tmp_path / "cache2").rglob("manifest.json"))
+    assert entries == ["source", "source_statistics"]
+    assert not [p for p in (tmp_path / "cache2").rglob("*") if ".tmp" in p.name], "a rank left a temporary entry"
 
 
 def test_ddp_jobs_inside_a_multirun(tmp_path):

@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 
 from filelock import FileLock
 
-from transferlab.distributed import broadcast_from_zero, rank_and_world_size
+from transferlab.distributed import barrier, broadcast_from_zero, rank_and_world_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,10 +92,11 @@ class StageCache:
         if rank == 0:
             entry.parent.mkdir(parents=True, exist_ok=True)
             self._build(entry, settings, compute)
-            return self._try_load(kind, key, entry, load, announce=False), False
-        with tempfile.TemporaryDirectory() as scratch:  # the same computation, not kept
-            compute(Path(scratch))
-            return load(Path(scratch)), False
+        else:
+            with tempfile.TemporaryDirectory() as scratch:  # the same (collective) work; rank 0 writes
+                compute(Path(scratch))
+        barrier()  # the entry is in place
+        return (self._try_load(kind, key, entry, load, announce=False) if rank == 0 else load(entry)), False
 
     def _try_load(self, kind: str, key: str, entry: Path, load: Callable[[Path], T],
                   announce: bool = True) -> T | None:

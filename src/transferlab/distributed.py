@@ -166,8 +166,7 @@ def _rank_main(config_yaml: str, run_dir: str, rank: int, env: dict) -> None:
     except Preempted:
         raise SystemExit(Preempted.exit_code)
     except TransferlabError as e:
-        if rank == 0:
-            log.error("%s", e)
+        log.error("rank %d: %s", rank, e)
         raise SystemExit(1)
 
 
