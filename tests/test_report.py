@@ -320,9 +320,11 @@ def test_failed_and_running_jobs_are_counted_and_listed(tmp_path):
     write_job(tmp_path, "3", status="running", config=make_config(seed=3), metrics={}, overrides=["lr=a", "seed=3"])
     write_job(tmp_path, "nested/deep/4", status="failed", error="NonFiniteLossError: loss is nan",
               config=make_config(seed=0), metrics={}, overrides=["lr=b", "seed=0"])
+    write_job(tmp_path, "5", status="interrupted", error="stopped by SIGTERM in the target stage at step 7",
+              config=make_config(seed=5), metrics={}, overrides=["lr=a", "seed=5"])
     _, rows = analyse(tmp_path)
     a = rows["lr=a"]
-    assert (a["n"], a["completed"], a["failed"], a["running"]) == (2, 2, 1, 1)
+    assert (a["n"], a["completed"], a["failed"], a["running"], a["interrupted"]) == (2, 2, 1, 1, 1)
     assert a["target/test_acc"]["mean"] == pytest.approx(0.85)  # the failed run's 0.0 is not counted
     b = rows["lr=b"]
     assert (b["n"], b["completed"], b["failed"], b["running"]) == (0, 0, 1, 0)
@@ -330,7 +332,8 @@ def test_failed_and_running_jobs_are_counted_and_listed(tmp_path):
     failed = md.split("## Failed jobs", 1)[1]
     assert "| 2 | lr=a | target.lr=-1.0: must be > 0 |" in failed
     assert "| nested/deep/4 | lr=b | NonFiniteLossError: loss is nan |" in failed
-    assert "## Running jobs" in md and md.rstrip().endswith("3")
+    assert "## Running jobs" in md.split("## Interrupted jobs")[0] and md.split("## Interrupted jobs")[0].rstrip().endswith("3")
+    assert md.rstrip().endswith("5")
 
 
 def test_unreadable_results_json_is_a_listed_failure(tmp_path):

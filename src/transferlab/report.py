@@ -50,7 +50,7 @@ from transferlab.errors import TransferlabError
 from transferlab.results import RESULTS_FILE
 
 METRICS = ["target/test_acc", "target/val_acc", "transfer/forgetting", "transfer/gain"]
-STATUSES = ["completed", "failed", "running"]
+STATUSES = ["completed", "failed", "running", "interrupted"]
 NEGATIVE = "negative transfer"
 ALL_RUNS = "(all runs)"  # the label of the one setting of a sweep that varied only the seed
 NO_VALUE = "—"
@@ -322,6 +322,10 @@ def failed_section(runs: list[dict]) -> list[str]:
     if running:
         lines += ["", "## Running jobs (still running, or killed before they finished)", "",
                   ", ".join(running)]
+    interrupted = [run["name"] for run in runs if run["status"] == "interrupted"]
+    if interrupted:
+        lines += ["", "## Interrupted jobs (SIGTERM; rerun the sweep command to resume them)", "",
+                  ", ".join(interrupted)]
     return lines
 
 
