@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
@@ -28,6 +29,10 @@ def test_every_option_composes_and_validates(group, option):
     extra = {("source", "checkpoint"): ["source.path=x.pt"],
              ("data", "wnut16_ner"): ["source=pretrained"]}.get((group, option), [])
     cfg = compose_config([f"{group}={option}", *extra])
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # trainer=gpu / ddp here
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible here"):
+            validate(cfg)
+        return
     validate(cfg)
     if group not in ("experiment", "debug"):
         assert cfg[group] is not None
@@ -79,6 +84,10 @@ def test_wrong_type_or_unknown_option_fails_at_compose(override, key):
     (["data.source_classes=[]"], "data.source_classes"),
     (["data.target_train_size=0"], "data.target_train_size"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
+    (["trainer.strategy=fsdp"], "trainer.strategy=fsdp"),
+    (["trainer.checkpoint_interval_s=-1"], "trainer.checkpoint_interval_s"),
+    (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps"),
+    (["trainer=ddp_cpu", "trainer.sync_batchnorm=true"], "trainer.sync_batchnorm"),
 ])
 def test_validate_names_the_key(overrides, needle):
     cfg = compose_config(overrides)

@@ -103,6 +103,9 @@ def launch(cfg, run_dir: Path, run) -> dict:
     world_size = world_size_of(cfg)
     if world_size == 1 or ranks_exist():
         return run(cfg, run_dir)
+    from transferlab.config import validate
+
+    validate(cfg)  # a bad value fails here, once, not in every rank
     if cfg.trainer.num_nodes > 1:
         from transferlab.errors import ConfigError
 
