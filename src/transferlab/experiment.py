@@ -129,7 +129,8 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     mode = source_mode(cfg)
     pool = build(cfg.data.dataset)
     has_source = mode in ("train", "checkpoint")
-    data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source)
+    source_pool = build(cfg.data.source_dataset) if has_source and cfg.data.source_dataset is not None else None
+    data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source, source_pool=source_pool)
     check_data_fits_backbone(cfg, data)
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze = build(cfg.freeze)
