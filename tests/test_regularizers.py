@@ -168,3 +168,27 @@ def test_fisher_normalization():
     assert float(normalize_fisher(fisher, "max")["b"]) == 1.0
     assert torch.allclose(normalize_fisher(fisher, "mean")["a"], torch.tensor([0.375, 1.125]))
     assert normalize_fisher(fisher, "none") is fisher
+
+
+def test_fisher_in_bounded_chunks_equals_whole_batches(monkeypatch):
+    from transferlab.regularizers import fisher as fisher_module
+
+    backbone, head = small_model()
+    model = nn.Sequential(backbone, head)
+    params = {n: p for n, p in model.named_parameters() if n.startswith("0.")}
+    data = [batch(seed=4, n=24)]
+    whole = diagonal_fisher(model, params, data)
+    sizes = []
+    real_vmap = fisher_module.vmap
+
+    def recording_vmap(fn, **kwargs):
+        mapped = real_vmap(fn, **kwargs)
+        return lambda w, x, y: sizes.append(len(y)) or mapped(w, x, y)
+
+    per_sample = sum(p.numel() * p.element_size() for p in params.values())
+    monkeypatch.setattr(fisher_module, "vmap", recording_vmap)
+    monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRAD_BYTES", 5 * per_sample)  # 5 samples' gradients
+    chunked = diagonal_fisher(model, params, data)
+    assert sizes == [5, 5, 5, 5, 4]
+    for n in whole:
+        torch.testing.assert_close(chunked[n], whole[n], atol=1e-7, rtol=1e-6)

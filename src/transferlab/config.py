@@ -35,6 +35,10 @@ class DataConfig:
     source_domains: List[str] = field(default_factory=list)
     target_domains: List[str] = field(default_factory=list)
     max_length: int = 128  # text only: tokens kept per example
+    # Another pool for the source task ({_target_: a loader, ...}, like `dataset`): source_classes,
+    # source_domains and source_train_size then apply to it, and the target comes from `dataset`
+    # (sentiment → NER). None: both tasks are cut from `dataset`.
+    source_dataset: Any = None
 
 
 class SourceMode(Enum):
@@ -205,8 +209,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.target_classes={tgt}: needs at least two distinct classes")
     uses_source = str(getattr(cfg.source.mode, "value", cfg.source.mode)) in ("train", "checkpoint")
     src_domains, tgt_domains = list(cfg.data.source_domains), list(cfg.data.target_domains)
+    separate_source = cfg.data.source_dataset is not None  # two pools: class ids and domains are per pool
     domain_split = bool(src_domains or tgt_domains)
-    if domain_split:
+    if domain_split and not separate_source:
         # A domain split: the tasks differ in domain, so sharing classes is the point.
         if not tgt_domains:
             raise ConfigError("data.target_domains is empty but data.source_domains is set: list the target domains")
@@ -223,7 +228,7 @@ def validate(cfg) -> None:
             "(or use source=scratch for the no-transfer baseline, source=pretrained for a pretrained backbone)"
         )
     overlap = sorted(set(src) & set(tgt))
-    if uses_source and overlap and not domain_split:
+    if uses_source and overlap and not domain_split and not separate_source:
         raise ConfigError(
             f"data.source_classes and data.target_classes overlap on {overlap}: "
             "a class split must be disjoint"

@@ -156,7 +156,8 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     mode = source_mode(cfg)
     pool = build(cfg.data.dataset)
     has_source = mode in ("train", "checkpoint")
-    data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source)
+    source_pool = build(cfg.data.source_dataset) if has_source and cfg.data.source_dataset is not None else None
+    data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source, source_pool=source_pool)
     check_data_fits_backbone(cfg, data)
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze = build(cfg.freeze)
@@ -184,13 +185,16 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         fault_point("after:source")
         source_test = make_loader(data.source.test, EVAL_BATCH, shuffle=False)
         metrics["source/test_acc_before"] = accuracy(source_model.to(device), source_test)
-        if regularizer.needs_source:
-            started = time.time()
-            stats, hit = source_statistics(cfg, data, backbone, source_model, regularizer,
-                                           cache if mode == "train" else None)
-            regularizer.set_source_statistics(stats, backbone)
-            metrics["time/source_statistics_s"] = round(time.time() - started, 3)
-            metrics["cache/source_statistics_hit"] = hit
+    # Adapters (LoRA) go in after the source stage, which trains without them, and before the
+    # Fisher, which then covers what the target stage trains. At init they change nothing.
+    freeze.adapt_backbone(backbone, seed=cfg.seed)
+    if has_source and regularizer.needs_source:
+        started = time.time()
+        stats, hit = source_statistics(cfg, data, backbone, source_model, regularizer,
+                                       cache if mode == "train" else None, freeze.adapter_settings())
+        regularizer.set_source_statistics(stats, backbone)
+        metrics["time/source_statistics_s"] = round(time.time() - started, 3)
+        metrics["cache/source_statistics_hit"] = hit
 
     # The target stage starts from its own seed, so it is the same whether the source stage
     # was trained just now, loaded from the cache, or skipped (scratch).
@@ -238,6 +242,7 @@ def check_stage_choices(cfg, mode: str, backbone, freeze, regularizer) -> bool:
     """Freeze policy vs backbone, regularizer vs source stage, source mode vs weights.
     Returns whether the backbone came pretrained."""
     freeze.check(backbone.num_blocks, cfg.target.epochs)
+    freeze.check_backbone(backbone)
     if regularizer.needs_source and mode not in ("train", "checkpoint"):
         raise ConfigError(f"regularizer=ewc needs a source stage to estimate its Fisher, and source={mode} has none: "
                           "use source=train or source=checkpoint, or another regularizer (e.g. l2sp)")
@@ -248,14 +253,18 @@ def check_stage_choices(cfg, mode: str, backbone, freeze, regularizer) -> bool:
     return pretrained
 
 
-def source_statistics(cfg, data, backbone, source_model, regularizer, cache: StageCache | None):
-    """The regularizer's statistics of the source stage (EWC's Fisher), cached when possible."""
+def source_statistics(cfg, data, backbone, source_model, regularizer, cache: StageCache | None,
+                      adapters: dict | None = None):
+    """The regularizer's statistics of the source stage (EWC's Fisher), cached when possible.
+    `adapters`: what the freeze policy injected (LoRA) before them, which changes the parameters."""
     rank, world_size = rank_and_world_size()  # under DDP each rank takes its share; fisher.py sums them
     loader = make_loader(data.source.train, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size)
     if cache is None:
         return regularizer.compute_source_statistics(source_model, loader, backbone), None
     settings = {"source": source_settings(cfg, data), "regularizer": type(regularizer).__name__,
                 **regularizer.source_statistics_settings()}
+    if adapters:  # only then: earlier cache keys stay valid
+        settings["adapters"] = adapters
     shapes = {name: p.shape for name, p in backbone.named_parameters()}
 
     def compute(folder: Path) -> None:

@@ -13,8 +13,7 @@ Null metrics (the forgetting of a scratch run) are skipped, not counted as 0; wi
 std and CI are NaN (blank), never 0.
 
 Transfer gain pairs each completed transfer run (source.mode train or checkpoint) with a completed
-scratch run (source.mode scratch) of the same target data (config.data without source_classes and
-source_train_size), the same backbone config, the same label budget (data.target_train_size) and
+scratch run (source.mode scratch) of the same target data (config.data without its source_* keys), the same backbone config, the same label budget (data.target_train_size) and
 the same seed. Among several matches it prefers the scratch run with identical target, freeze and
 regularizer configs, then the plain baseline (FullFinetune, NoRegularizer), then the first in
 directory order. gain = target/test_acc(run) − target/test_acc(scratch). A transfer run with no
@@ -194,7 +193,7 @@ def pairing_key(run: dict) -> str:
     """Same target data, backbone, label budget and seed."""
     config = run["config"]
     data = config.get("data") or {}
-    target_data = {k: v for k, v in data.items() if k not in ("source_classes", "source_domains", "source_train_size")}
+    target_data = {k: v for k, v in data.items() if k not in ("source_classes", "source_domains", "source_train_size", "source_dataset")}
     return canonical([target_data, config.get("backbone"), data.get("target_train_size"), config.get("seed")])
 
 

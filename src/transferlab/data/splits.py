@@ -1,7 +1,8 @@
 """One split logic for every dataset: source/target tasks cut by class (digits 0-4 → 5-9) or, when
 `data.source_domains` / `target_domains` are given, by domain with the same classes (airline →
 other tweets); then seeded train/val/test splits and the label budget. Labels are renumbered
-0..k-1 per task, in the order the classes are listed in the config."""
+0..k-1 per task, in the order the classes are listed in the config. With `data.source_dataset` the
+source task is cut from a second pool (tweet sentiment → WNUT-16 NER) by the same logic."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class TransferData:
     input_shape: tuple[int, ...]
     dataset: str
     is_text: bool = False
+    source_dataset: Optional[str] = None  # the pool the source task was cut from (None: no source task)
 
 
 def _select(x: np.ndarray, y: np.ndarray, classes: Sequence[int], domain: Optional[np.ndarray] = None,
@@ -136,17 +138,27 @@ def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> Task
                       label_names=list(pool.class_names))
 
 
-def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True) -> TransferData:
-    """Cut `pool` into a source task (None when `with_source` is False) and a target task."""
+def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True,
+                       source_pool: Optional[LabelledPool] = None) -> TransferData:
+    """Cut `pool` into a source task (None when `with_source` is False) and a target task; with
+    `source_pool` (data.source_dataset), the source task is cut from that pool instead."""
     split_seed = seed if data_cfg.split_seed is None else data_cfg.split_seed
-    if pool.token_labels:
-        if with_source:
-            raise ConfigError(f"data={pool.name} is a single token-classification task: it has no source task; "
-                              "use source=pretrained or source=scratch")
-        target = _make_token_task(pool, "target", data_cfg, seed=split_seed * 2 + 1)
-        return TransferData(None, target, pool.input_shape, pool.name, is_text=True)
+    source_from = pool if source_pool is None else source_pool
     source = None
     if with_source:
-        source = _make_task(pool, "source", list(data_cfg.source_classes), data_cfg, seed=split_seed * 2)
-    target = _make_task(pool, "target", list(data_cfg.target_classes), data_cfg, seed=split_seed * 2 + 1)
-    return TransferData(source, target, pool.input_shape, pool.name, pool.is_text)
+        if source_from.token_labels:
+            hint = "" if source_pool is None else " (data.source_dataset)"
+            raise ConfigError(f"data={source_from.name}{hint} is a single token-classification task: it has no source "
+                              "task; use source=pretrained or source=scratch, or data.source_dataset=<a classification "
+                              "dataset>")
+        inputs = lambda p: "text" if p.is_text else f"images of shape {p.input_shape}"  # noqa: E731
+        if inputs(source_from) != inputs(pool):
+            raise ConfigError(f"data.source_dataset: {source_from.name} holds {inputs(source_from)} but data.dataset "
+                              f"{pool.name} holds {inputs(pool)}; one backbone must read both")
+        source = _make_task(source_from, "source", list(data_cfg.source_classes), data_cfg, seed=split_seed * 2)
+    if pool.token_labels:
+        target = _make_token_task(pool, "target", data_cfg, seed=split_seed * 2 + 1)
+    else:
+        target = _make_task(pool, "target", list(data_cfg.target_classes), data_cfg, seed=split_seed * 2 + 1)
+    return TransferData(source, target, pool.input_shape, pool.name, pool.is_text,
+                        source_dataset=source_from.name if with_source else None)

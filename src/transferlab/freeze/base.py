@@ -22,6 +22,20 @@ class FreezePolicy(pl.Callback):
     def check(self, num_blocks: int, epochs: int) -> None:
         """Raise ConfigError for settings this backbone / schedule cannot honour."""
 
+    # -- policies that change the backbone's modules (LoRA) ------------------------------------
+    def check_backbone(self, backbone) -> None:
+        """Raise ConfigError when this backbone cannot take the policy; runs before any stage."""
+
+    def adapt_backbone(self, backbone, seed: int) -> None:
+        """Change the backbone's modules for the target stage (LoRA injects adapters here).
+        Called after the source stage, so it trains without them, and before the source
+        statistics (EWC's Fisher), so those cover what the target stage trains. Default: nothing."""
+
+    def adapter_settings(self) -> dict:
+        """What `adapt_backbone` adds: part of the cache key of anything computed after it
+        (EWC's Fisher). Empty when the policy leaves the backbone's modules alone."""
+        return {}
+
     # -- derived -------------------------------------------------------------------------------
     def trainable_backbone_params(self, backbone, epochs: int) -> int:
         """Backbone parameters that train in at least one epoch (params/trainable in results).

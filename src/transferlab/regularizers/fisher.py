@@ -24,6 +24,12 @@ from transferlab.distributed import sum_across_ranks
 from transferlab.stages.evaluate import to_device
 
 
+# Per-sample gradients hold samples x parameters numbers: a 256-example batch through MiniLM's
+# 22.7M parameters would be 23 GB. Each batch is taken in chunks that keep them under this size
+# (the same sums; a small CNN's batches stay whole).
+PER_SAMPLE_GRAD_BYTES = 1 << 30
+
+
 def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: Iterable,
                     *, sample_labels: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fisher diagonal for `params` (a subset of `model.named_parameters()`, by name)."""
@@ -40,6 +46,7 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
+    chunk = max(1, PER_SAMPLE_GRAD_BYTES // sum(w.numel() * w.element_size() for w in weights.values()))
     count = 0
     try:
         # Outer no_grad: torch.func.grad still differentiates inside, but records no graph
@@ -50,8 +57,11 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
                 if sample_labels:
                     probs = F.softmax(model(x), dim=-1)
                     y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
-                for name, g in per_sample_grads(weights, x, y).items():
-                    fisher[name] += g.square().sum(0)
+                for start in range(0, len(y), chunk):
+                    part = slice(start, start + chunk)
+                    grads = per_sample_grads(weights, tree_map(lambda t: t[part], x), y[part])
+                    for name, g in grads.items():
+                        fisher[name] += g.square().sum(0)
                 count += len(y)
     finally:
         model.train(was_training)

@@ -42,7 +42,9 @@ def source_settings(cfg, data: TransferData) -> dict:
     d = cfg.data
     settings = {
         "stage": "source",
-        "dataset": OmegaConf.to_container(d.dataset, resolve=True),
+        # the pool the source task is cut from (data.source_dataset when set): keys of runs
+        # without one are unchanged
+        "dataset": OmegaConf.to_container(d.dataset if d.source_dataset is None else d.source_dataset, resolve=True),
         "source_classes": list(d.source_classes),
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
@@ -100,7 +102,7 @@ def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferDa
         "head": module.head.state_dict(),
         "source_classes": list(data.source.classes),
         "source_domains": list(data.source.domains),
-        "dataset": data.dataset,
+        "dataset": data.source_dataset,
         "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
         "info": info,  # the source stage's validation metrics, for a resumed run
     }
@@ -130,12 +132,12 @@ def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) 
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TransferlabError(f"{where}: not a transferlab source checkpoint ({CHECKPOINT_FORMAT})")
     saved_domains = list(payload.get("source_domains", []))
-    if (list(payload["source_classes"]) != list(data.source.classes) or payload["dataset"] != data.dataset
+    if (list(payload["source_classes"]) != list(data.source.classes) or payload["dataset"] != data.source_dataset
             or saved_domains != list(data.source.domains)):
         raise TransferlabError(
             f"{where}: saved for {payload['dataset']} classes {payload['source_classes']} domains {saved_domains}, "
-            f"but this run's source task is {data.dataset} classes {data.source.classes} domains "
-            f"{data.source.domains}; set data.source_classes / data.source_domains to match"
+            f"but this run's source task is {data.source_dataset} classes {data.source.classes} domains "
+            f"{data.source.domains}; set data.source_dataset / source_classes / source_domains to match"
         )
     head = classification_head(backbone.feature_dim, data.source.num_classes)
     # Check every shape before touching the shared backbone: a half-loaded backbone would

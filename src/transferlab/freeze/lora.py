@@ -1,0 +1,104 @@
+"""LoRA (Hu et al., 2022) through peft: the backbone's weights stay put; a rank-r update
+ΔW = (alpha / r) · B A is learned next to each targeted Linear (attention query and value by
+default), plus the new head.
+
+The adapters are injected by `adapt_backbone`, which the experiment calls after the source stage
+and before the target stage. peft wraps each targeted nn.Linear as `base_layer` (the very same
+Parameter objects, now under `...query.base_layer.weight`) and initializes B = 0, so at injection
+the backbone computes exactly what it did: the source accuracy measured before and after the
+target stage, and the EWC Fisher taken after injection, refer to the same function. Regularizers
+"apply to what trains": only adapter parameters get gradients, so only they are penalized
+(L2-SP anchors A at its init and B at 0, i.e. it pulls ΔW toward 0).
+
+Param groups stay one per block: the adapters live inside the layer blocks; the frozen base
+weights in those groups have requires_grad=False, never get a gradient, and AdamW skips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from transferlab.errors import ConfigError, TransferlabError
+from transferlab.freeze.base import FreezePolicy
+
+ADAPTER_PREFIX = "lora_"  # peft names adapter parameters ...lora_A.default.weight / lora_B...
+
+
+@dataclass
+class Config:
+    _target_: str = MISSING
+    r: int = 8
+    alpha: float = 16.0  # scaling alpha / r = 2
+    dropout: float = 0.1  # on the adapter's input only
+    target_modules: List[str] = field(default_factory=lambda: ["query", "value"])
+
+
+def is_adapter(name: str) -> bool:
+    return ADAPTER_PREFIX in name
+
+
+def targets(backbone: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules peft will adapt: those whose name is, or ends with, one of `names`."""
+    return [(path, m) for path, m in backbone.named_modules()
+            if any(path == n or path.endswith("." + n) for n in names)]
+
+
+class LoRA(FreezePolicy):
+    def __init__(self, r: int, alpha: float, dropout: float, target_modules: list[str]):
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = list(target_modules)
+
+    def check(self, num_blocks: int, epochs: int) -> None:
+        self._require(self.r >= 1, f"freeze.r={self.r}: must be >= 1")
+        self._require(self.alpha > 0, f"freeze.alpha={self.alpha}: must be > 0")
+        self._require(0 <= self.dropout < 1, f"freeze.dropout={self.dropout}: must be in [0, 1)")
+
+    def check_backbone(self, backbone: nn.Module) -> None:
+        found = targets(backbone, self.target_modules)
+        key = f"freeze.target_modules={self.target_modules}"
+        if not found:
+            raise ConfigError(f"{key}: {type(backbone).__name__} has no module of these names; LoRA needs a "
+                              "transformer backbone (backbone=minilm or hf) whose Linear layers they name")
+        not_linear = [path for path, m in found if not isinstance(m, nn.Linear)]
+        if not_linear:
+            raise ConfigError(f"{key}: {not_linear[0]} is not a Linear layer; name Linear layers "
+                              "(e.g. query, key, value, dense)")
+
+    def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
+        return set()  # no block is frozen as a whole: blocks stay in train mode (dropout on)
+
+    def adapter_settings(self) -> dict:
+        return {"lora": {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                         "target_modules": self.target_modules}}
+
+    def adapt_backbone(self, backbone: nn.Module, seed: int) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise TransferlabError("freeze=lora needs peft: pip install -e '.[nlp]'") from None
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=self.target_modules)
+        # A's random init from its own seed: the same adapters (and the same EWC Fisher, which
+        # depends on A) whether the source stage was trained just now or came from the cache.
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, backbone)
+
+    def trainable_backbone_params(self, backbone: nn.Module, epochs: int) -> int:
+        return sum(p.numel() for name, p in backbone.named_parameters() if is_adapter(name))
+
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        names = [name for name, _ in pl_module.backbone.named_parameters()]
+        if not any(is_adapter(n) for n in names):
+            raise RuntimeError("freeze=lora: the backbone has no adapters; adapt_backbone was not called")
+        # peft froze the base at injection already; set it here too, so the stage does not
+        # depend on what happened to the shared backbone in between.
+        for name, p in pl_module.backbone.named_parameters():
+            p.requires_grad_(is_adapter(name))
