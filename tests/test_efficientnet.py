@@ -60,6 +60,8 @@ def test_blocks_hold_every_parameter(backbone, weight_file):
     fc = weight_file["_fc.weight"].numel() + weight_file["_fc.bias"].numel()
     assert total == sum(v.numel() for k, v in weight_file.items() if "running" not in k and "num_batches" not in k) - fc
     assert [len(stage.blocks) for stage in backbone.blocks[1:-1]] == [1, 2, 2, 3, 3, 4, 1]
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 2 + 16 * 3 - 1 and all(m.momentum == 0.1 for m in norms)  # the first MBConv block has no expansion BN
 
 
 def test_features_equal_the_reference_model(backbone):
@@ -88,6 +90,8 @@ def test_input_adapter_scales_to_the_trained_range():
 def test_configuration_errors_name_the_key(monkeypatch):
     with pytest.raises(ConfigError, match="backbone.image_size=16"):
         EfficientNetLite0((1, 28, 28), image_size=16)
+    with pytest.raises(ConfigError, match="backbone.bn_momentum=0"):
+        EfficientNetLite0((1, 28, 28), bn_momentum=0)
     with pytest.raises(ConfigError, match="needs images"):
         EfficientNetLite0((64,))
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # as if not installed
@@ -104,10 +108,11 @@ def test_scratch_reinitializes(weight_file):
 def test_digits_run_end_to_end(tmp_path):
     cfg = compose_config(["backbone=efficientnet_lite0", "logger=csv", f"paths.output_root={tmp_path / 'o'}",
                           "data.source_train_size=64", "data.target_train_size=64", "source.epochs=1",
-                          "target.epochs=1", "freeze=partial", "freeze.k=3"])
+                          "target.epochs=1", "freeze=partial", "freeze.k=3", "regularizer=ewc"])
     run_experiment(cfg, tmp_path / "run")
     results = read_results(tmp_path / "run")
     assert results["status"] == "completed", results["error"]
     m = results["metrics"]
     assert 0 <= m["target/test_acc"] <= 1 and m["source/test_acc_before"] is not None
     assert m["params/total"] == 3371008 + 1280 * 5 + 5 > m["params/trainable"]
+    assert m["cache/source_statistics_hit"] is False  # the EWC Fisher ran through the MBConv blocks
