@@ -59,14 +59,36 @@ def test_source_after_is_the_kept_source_head_on_the_moved_backbone(make_cfg, tm
     head.load_state_dict(source["head"])
     x, y = data.source.test
 
-    def acc(backbone_state):
+    def scores(backbone_state):
         backbone.load_state_dict(backbone_state)
         backbone.eval()
         with torch.no_grad():
-            return float((head(backbone(x)).argmax(-1) == y).float().mean())
+            predicted = head(backbone(x)).argmax(-1)
+        f1 = []  # macro F1 by hand: per class 2·TP / (2·TP + FP + FN), averaged over the 5 classes
+        for c in range(5):
+            tp = int(((predicted == c) & (y == c)).sum())
+            wrong = int(((predicted == c) != (y == c)).sum())
+            f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+        return float((predicted == y).float().mean()), sum(f1) / 5
 
-    assert acc(source["backbone"]) == pytest.approx(m["source/test_acc_before"])
-    assert acc(target["backbone"]) == pytest.approx(m["source/test_acc_after"])
+    acc, f1 = scores(source["backbone"])
+    assert (acc, f1) == pytest.approx((m["source/test_acc_before"], m["source/test_macro_f1_before"]))
+    acc, f1 = scores(target["backbone"])
+    assert (acc, f1) == pytest.approx((m["source/test_acc_after"], m["source/test_macro_f1_after"]))
+    assert 0 < m["target/test_macro_f1"] <= 1 and m["target/test_macro_f1"] != m["target/test_acc"]
+
+
+def test_a_key_added_since_a_run_was_recorded_still_matches_it_when_neutral():
+    from transferlab.experiment import same_config
+
+    recorded = {"seed": 0, "data": {"dataset": "x"}, "trainer": {"precision": "32-true"}}
+    now = {"seed": 0, "data": {"dataset": "x", "source_dataset": None},
+           "trainer": {"precision": "32-true", "sync_batchnorm": False, "strategy": "auto"}}
+    assert same_config(recorded, now)
+    assert not same_config(recorded, {**now, "data": {"dataset": "x", "source_dataset": {"_target_": "y"}}})
+    assert not same_config(recorded, {**now, "seed": 1})
+    assert not same_config({**recorded, "force": False, "data": {"dataset": "x", "source_dataset": None}},
+                           {**now, "data": {"dataset": "x", "source_dataset": {"_target_": "y"}}})
 
 
 def test_linear_probe_forgets_nothing_and_counts_trainable_params(make_cfg, tmp_path):

@@ -28,7 +28,7 @@ from transferlab.distributed import barrier, ensure_process_group, is_global_zer
 from transferlab.errors import ConfigError, Preempted, TransferlabError
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
-from transferlab.stages.evaluate import accuracy, token_scores
+from transferlab.stages.evaluate import classification_scores, token_scores
 from transferlab.stages.source import load_source_checkpoint, obtain_source, source_settings
 from transferlab.stages.target import train_target
 from transferlab.stages.trainer import stage_device
@@ -39,7 +39,7 @@ EVAL_BATCH = 256
 # Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
 # whether a run dir already holds this run.
 EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
-                  "trainer.checkpoint_interval_s", "trainer.pin_memory")
+                  "trainer.checkpoint_interval_s", "trainer.pin_memory", "trainer.strategy", "trainer.num_nodes")
 
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -94,7 +94,7 @@ def interrupted_run(run_dir: Path, config: dict) -> bool:
         previous = read_results(run_dir)
     except (OSError, ValueError):
         return False
-    return previous.get("status") != "completed" and comparable(previous.get("config", {})) == comparable(config)
+    return previous.get("status") != "completed" and same_config(previous.get("config", {}), config)
 
 
 def completed_run(run_dir: Path, config: dict) -> dict | None:
@@ -110,12 +110,31 @@ def completed_run(run_dir: Path, config: dict) -> dict | None:
         return None  # unreadable: rerun and rewrite it
     if previous.get("status") != "completed":
         return None
-    if comparable(previous.get("config", {})) != comparable(config):
+    if not same_config(previous.get("config", {}), config):
         if config.get("force"):
             return None
         raise ConfigError(f"{run_dir} already holds a completed run of a different config; "
                           "choose another hydra.run.dir / hydra.sweep.dir, or force=true to overwrite it")
     return previous
+
+
+def same_config(previous: dict, current: dict) -> bool:
+    """Whether a run dir's recorded config is this one, execution keys aside. A key the recorded
+    config lacks (added to transferlab since) matches when it holds a neutral value here (null,
+    false, empty), so an upgrade does not turn every finished sweep into "a different config"."""
+    return comparable(previous) == comparable(without_new_neutral_keys(current, previous))
+
+
+def without_new_neutral_keys(current: dict, previous: dict) -> dict:
+    kept = {}
+    for key, value in current.items():
+        if key not in previous:
+            if value in (None, False, [], {}):
+                continue
+        elif isinstance(value, dict) and isinstance(previous[key], dict):
+            value = without_new_neutral_keys(value, previous[key])
+        kept[key] = value
+    return kept
 
 
 def comparable(config: dict) -> dict:
@@ -184,7 +203,8 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["time/source_s"] = round(time.time() - started, 3)
         fault_point("after:source")
         source_test = make_loader(data.source.test, EVAL_BATCH, shuffle=False)
-        metrics["source/test_acc_before"] = accuracy(source_model.to(device), source_test)
+        before = classification_scores(source_model.to(device), source_test, data.source.num_classes)
+        metrics.update({"source/test_acc_before": before["acc"], "source/test_macro_f1_before": before["macro_f1"]})
     # Adapters (LoRA) go in after the source stage, which trains without them, and before the
     # Fisher, which then covers what the target stage trains. At init they change nothing.
     freeze.adapt_backbone(backbone, seed=cfg.seed)
@@ -210,10 +230,12 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         scores = token_scores(target_model.to(device), target_test, data.target.label_names)
         metrics.update({f"target/test_{k}": v for k, v in scores.items()})
     else:
-        metrics["target/test_acc"] = accuracy(target_model.to(device), target_test)
+        scores = classification_scores(target_model.to(device), target_test, data.target.num_classes)
+        metrics.update({"target/test_acc": scores["acc"], "target/test_macro_f1": scores["macro_f1"]})
 
     if source_model is not None:
-        metrics["source/test_acc_after"] = accuracy(source_model.to(device), source_test)
+        after = classification_scores(source_model.to(device), source_test, data.source.num_classes)
+        metrics.update({"source/test_acc_after": after["acc"], "source/test_macro_f1_after": after["macro_f1"]})
         metrics["transfer/forgetting"] = metrics["source/test_acc_before"] - metrics["source/test_acc_after"]
     else:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,
@@ -285,9 +307,10 @@ def format_summary(results: dict) -> str:
     fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     rows = [("status", results["status"])]
     keys = ["target/test_f1", "target/val_f1"] if "target/test_f1" in m else []
-    keys += ["target/test_acc", "target/val_acc", "target/best_epoch", "source/test_acc_before",
-            "source/test_acc_after", "transfer/forgetting", "params/trainable", "params/total"]
-    rows += [(k, fmt(m.get(k))) for k in keys]
+    keys += ["target/test_acc", "target/test_macro_f1", "target/val_acc", "target/best_epoch",
+             "source/test_acc_before", "source/test_acc_after", "transfer/forgetting", "params/trainable",
+             "params/total"]
+    rows += [(k, fmt(m[k])) for k in keys if k in m]  # absent: not this task's metric (NER has no val_acc)
     rows.append(("wall time (s)", fmt(results["provenance"]["wall_time_s"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

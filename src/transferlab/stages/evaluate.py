@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,19 +23,38 @@ def to_device(batch, device: torch.device):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
+def predictions(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) over the loader."""
     was_training = model.training
     model.eval()
     device = model_device(model)
-    correct = total = 0
+    true, predicted = [], []
     try:
         for batch in loader:
             x, y = to_device(batch, device)
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
+            predicted.append(model(x).argmax(-1).cpu())
+            true.append(y.cpu())
     finally:
         model.train(was_training)
-    return correct / max(total, 1)
+    if not true:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return torch.cat(true).numpy(), torch.cat(predicted).numpy()
+
+
+def accuracy(model: nn.Module, loader) -> float:
+    true, predicted = predictions(model, loader)
+    return float((true == predicted).mean()) if len(true) else 0.0
+
+
+def classification_scores(model: nn.Module, loader, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro F1 (every class weighs the same, whatever its size; a class never
+    predicted scores 0)."""
+    from sklearn.metrics import f1_score
+
+    true, predicted = predictions(model, loader)
+    return {"acc": float((true == predicted).mean()) if len(true) else 0.0,
+            "macro_f1": float(f1_score(true, predicted, labels=list(range(num_classes)), average="macro",
+                                       zero_division=0))}
 
 
 # -- token classification (NER) ----------------------------------------------------------------
