@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -32,3 +34,18 @@ def compose_config(overrides: list[str] | None = None):
 def make_cfg(tmp_path):
     """Compose a fast config whose outputs (and stage cache) live under this test's tmp_path."""
     return lambda *overrides: compose_config(FAST + [f"paths.output_root={tmp_path / 'outputs'}"] + list(overrides))
+
+
+def assert_penalty_matches_autograd(reg, backbone, head, batch, y, penalty) -> None:
+    """Task-loss gradient + reg.add_penalty_grad_ == autograd of (task loss + `penalty()`, written
+    out by hand) on the parameters that train, and reg.penalty() == penalty()."""
+    trainable = [p for p in [*backbone.parameters(), *head.parameters()] if p.requires_grad]
+    (F.cross_entropy(head(backbone(batch)), y) + penalty()).backward()
+    expected = [p.grad.clone() for p in trainable]
+    for p in trainable:
+        p.grad = None
+    F.cross_entropy(head(backbone(batch)), y).backward()
+    reg.add_penalty_grad_()
+    for got, want in zip([p.grad for p in trainable], expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(reg.penalty(), penalty().detach(), atol=1e-5, rtol=1e-5)

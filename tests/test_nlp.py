@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from conftest import compose_config
+from conftest import assert_penalty_matches_autograd, compose_config
 from transferlab.backbones.hf import HFEncoder
 from transferlab.backbones.minilm import MiniLM, minilm_path
 from transferlab.config import validate
@@ -102,21 +101,12 @@ def test_l2sp_gradient_on_the_transformer_equals_autograd(minilm):
         for p in [*backbone.parameters(), *head.parameters()]:
             p.add_(0.01 * torch.randn(p.shape, generator=generator))
     batch, y = encode(backbone), torch.tensor([2, 0, 1])
-    params = [*backbone.parameters(), *head.parameters()]
 
     def penalty():
         drift = sum(((p - a) ** 2).sum() for p, a in zip(backbone.parameters(), anchors))
         return 0.7 / 2 * drift + 0.05 / 2 * sum((p ** 2).sum() for p in head.parameters())
 
-    (F.cross_entropy(head(backbone(batch)), y) + penalty()).backward()
-    expected = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    F.cross_entropy(head(backbone(batch)), y).backward()
-    reg.add_penalty_grad_()
-    for got, want in zip([p.grad for p in params], expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(reg.penalty(), penalty().detach(), atol=1e-5, rtol=1e-5)
+    assert_penalty_matches_autograd(reg, backbone, head, batch, y, penalty)
 
 
 # -- data ----------------------------------------------------------------------------------------
