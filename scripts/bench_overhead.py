@@ -63,7 +63,7 @@ import transferlab.stages.trainer as tl_trainer  # noqa: E402
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402
 from transferlab.data import make_transfer_data  # noqa: E402
-from transferlab.data.loaders import make_loader  # noqa: E402
+from transferlab.data.loaders import EVAL_BATCH, make_loader  # noqa: E402
 from transferlab.heads import classification_head  # noqa: E402
 from transferlab.freeze.full import FullFinetune  # noqa: E402
 from transferlab.regularizers.none import NoRegularizer  # noqa: E402
@@ -79,7 +79,6 @@ warnings.filterwarnings("ignore")
 
 GOAL_FRAMEWORK = 1.20
 GOAL_PENALTY = 1.03
-EVAL_BATCH = 256  # experiment.py's batch for the Fisher pass
 VAL_BATCH = 256  # target.py's validation batch
 
 

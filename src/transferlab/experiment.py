@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab.cache import StageCache
 from transferlab.config import validate
 from transferlab.data import make_transfer_data
-from transferlab.data.loaders import make_loader
+from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.data.text import tokenize_transfer_data
 from transferlab.distributed import barrier, ensure_process_group, is_global_zero, rank_and_world_size
 from transferlab.errors import ConfigError, Preempted, TransferlabError
@@ -35,7 +35,6 @@ from transferlab.stages.trainer import stage_device
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 256
 # Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
 # whether a run dir already holds this run.
 EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
@@ -49,8 +48,11 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     ensure_process_group(cfg)  # under DDP every rank runs this function; rank 0 alone writes
     writer = is_global_zero()
-    previous = completed_run(run_dir, config)
-    resumed = previous is None and interrupted_run(run_dir, config)
+    recorded = recorded_run(run_dir)
+    previous = completed_run(run_dir, recorded, config)
+    # An unfinished run (killed, preempted or failed) of this config: its stage checkpoints go on.
+    resumed = (recorded is not None and recorded.get("status") != "completed"
+               and same_config(recorded.get("config", {}), config))
     barrier()  # every rank has read the run dir before rank 0 changes it
     if previous is not None and not cfg.force:
         log.info("skipped: %s already holds a completed run of this config (force=true reruns it)", run_dir)
@@ -87,35 +89,30 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     return results
 
 
-def interrupted_run(run_dir: Path, config: dict) -> bool:
-    """Whether `run_dir` holds an unfinished run (killed, preempted or failed) of this config,
-    whose stage checkpoints a rerun continues from."""
-    try:
-        previous = read_results(run_dir)
-    except (OSError, ValueError):
-        return False
-    return previous.get("status") != "completed" and same_config(previous.get("config", {}), config)
-
-
-def completed_run(run_dir: Path, config: dict) -> dict | None:
-    """The completed results already in `run_dir` for this same config, else None.
-
-    A completed run of a *different* config is never overwritten silently: that is an error.
-    """
+def recorded_run(run_dir: Path) -> dict | None:
+    """The results.json already in `run_dir`, if any (an unreadable one counts as none: the run
+    reruns and rewrites it)."""
     if not (run_dir / RESULTS_FILE).is_file():
         return None
     try:
-        previous = read_results(run_dir)
+        return read_results(run_dir)
     except (OSError, ValueError):
-        return None  # unreadable: rerun and rewrite it
-    if previous.get("status") != "completed":
         return None
-    if not same_config(previous.get("config", {}), config):
+
+
+def completed_run(run_dir: Path, recorded: dict | None, config: dict) -> dict | None:
+    """`recorded` (run_dir's results) when it is a completed run of this same config, else None.
+
+    A completed run of a *different* config is never overwritten silently: that is an error.
+    """
+    if recorded is None or recorded.get("status") != "completed":
+        return None
+    if not same_config(recorded.get("config", {}), config):
         if config.get("force"):
             return None
         raise ConfigError(f"{run_dir} already holds a completed run of a different config; "
                           "choose another hydra.run.dir / hydra.sweep.dir, or force=true to overwrite it")
-    return previous
+    return recorded
 
 
 def same_config(previous: dict, current: dict) -> bool:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+EVAL_BATCH = 256  # batches for passes without gradients (validation, test, the Fisher)
+
 
 class TensorBatches(Dataset):
     def __init__(self, x: torch.Tensor, y: torch.Tensor):

@@ -20,12 +20,10 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from transferlab.data.loaders import make_loader
+from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.distributed import is_global_zero, rank_and_world_size
 from transferlab.errors import Preempted
 from transferlab.stages.checkpointing import StageCheckpoint, fitting, stage_checkpoint_path
-
-EVAL_BATCH = 256
 
 log = logging.getLogger(__name__)
 
