@@ -19,10 +19,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from transferlab.config import Config, register_schemas, validate
+from transferlab.errors import ConfigError, Preempted, TransferlabError
+from transferlab.results import read_results
 
 log = logging.getLogger(__name__)
 
-RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+def several_ranks() -> bool:
+    """Whether this process is one of several joined in a process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def uses_cuda(trainer_cfg) -> bool:
+    """Whether the trainer runs on CUDA GPUs (accelerator gpu/cuda, or auto with one visible)."""
+    accelerator = trainer_cfg.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -61,14 +74,14 @@ def ensure_process_group(cfg) -> None:
 
         slurm = SLURMEnvironment()
         os.environ.update(MASTER_ADDR=slurm.main_address, MASTER_PORT=str(slurm.main_port))
-    gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    gpu = uses_cuda(cfg.trainer)
     if gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return values
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -77,7 +90,7 @@ def sum_across_ranks(values: list[float]) -> list[float]:
 
 
 def gather_lists(items: list) -> list:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return items
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
@@ -85,12 +98,12 @@ def gather_lists(items: list) -> list:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         dist.barrier()
 
 
 def broadcast_from_zero(value):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -103,16 +116,10 @@ def launch(cfg, run_dir: Path, run) -> dict:
     world_size = world_size_of(cfg)
     if world_size == 1 or ranks_exist():
         return run(cfg, run_dir)
-    from transferlab.config import validate
-
     validate(cfg)  # a bad value fails here, once, not in every rank
     if cfg.trainer.num_nodes > 1:
-        from transferlab.errors import ConfigError
-
         raise ConfigError(f"trainer.num_nodes={cfg.trainer.num_nodes}: start one process per rank with srun or "
                           "torchrun (e.g. hydra/launcher=slurm with tasks_per_node = trainer.devices)")
-    from omegaconf import OmegaConf
-
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size), "NODE_RANK": "0"}
     context = multiprocessing.get_context("spawn")
@@ -121,12 +128,8 @@ def launch(cfg, run_dir: Path, run) -> dict:
     for process in ranks:
         process.start()
     failed = _wait(ranks)
-    from transferlab.results import read_results
-
     results = read_results(run_dir)
     if failed or results.get("status") != "completed":
-        from transferlab.errors import Preempted, TransferlabError
-
         if results.get("status") == "interrupted":
             raise Preempted(results.get("error") or "interrupted")
         raise TransferlabError(results.get("error") or f"DDP rank {failed[0]} exited with code {failed[1]}")
@@ -152,12 +155,8 @@ def _wait(ranks) -> tuple[int, int] | None:
 
 def _rank_main(config_yaml: str, run_dir: str, rank: int, env: dict) -> None:
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    from omegaconf import OmegaConf
-
     from transferlab.cli import quiet_third_party_logs
-    from transferlab.config import Config, register_schemas
-    from transferlab.errors import Preempted, TransferlabError
-    from transferlab.experiment import run_experiment
+    from transferlab.experiment import run_experiment  # here: experiment imports this module
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from transferlab.distributed import sum_across_ranks
+from transferlab.distributed import several_ranks, sum_across_ranks
 from transferlab.stages.evaluate import to_device
 
 
@@ -65,7 +65,7 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
                 count += len(y)
     finally:
         model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         # DDP: each rank saw its share of the source set; sum the squares and the counts.
         count = int(sum_across_ranks([float(count)])[0])
         for f in fisher.values():

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from transferlab.data.loaders import EVAL_BATCH, make_loader
-from transferlab.distributed import is_global_zero, rank_and_world_size
+from transferlab.distributed import is_global_zero, rank_and_world_size, uses_cuda
 from transferlab.errors import Preempted
 from transferlab.stages.checkpointing import StageCheckpoint, fitting, stage_checkpoint_path
 
@@ -143,10 +143,7 @@ def stage_device(trainer_cfg) -> torch.device:
     """Where a model runs outside `fit` (test evaluation, EWC's Fisher): the trainer's accelerator.
     Lightning's teardown moves the model back to the CPU after every fit; `torch.device("cuda")`
     is the current CUDA device, the one Lightning selected for this process."""
-    accelerator = str(getattr(trainer_cfg.accelerator, "value", trainer_cfg.accelerator))
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return torch.device("cuda" if uses_cuda(trainer_cfg) else "cpu")
 
 
 def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.Callback],
