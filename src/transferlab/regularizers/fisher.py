@@ -21,7 +21,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from transferlab.distributed import several_ranks, sum_across_ranks
-from transferlab.stages.evaluate import to_device
+from transferlab.stages.evaluate import evaluating, to_device
 
 
 # Per-sample gradients hold samples x parameters numbers: a 256-example batch through MiniLM's
@@ -33,10 +33,7 @@ PER_SAMPLE_GRAD_BYTES = 1 << 30
 def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: Iterable,
                     *, sample_labels: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fisher diagonal for `params` (a subset of `model.named_parameters()`, by name)."""
-    was_training = model.training
-    model.eval()
     weights = {name: p.detach() for name, p in params.items()}
-    device = next(iter(weights.values())).device  # CPU batches are moved to the weights' device
     generator = torch.Generator().manual_seed(seed)
 
     def sample_loss(weights, x, y):
@@ -48,23 +45,20 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
     chunk = max(1, PER_SAMPLE_GRAD_BYTES // sum(w.numel() * w.element_size() for w in weights.values()))
     count = 0
-    try:
-        # Outer no_grad: torch.func.grad still differentiates inside, but records no graph
-        # through the parameters it does not differentiate (the head) into the result.
-        with torch.no_grad():
-            for batch in batches:
-                x, y = to_device(batch, device)
-                if sample_labels:
-                    probs = F.softmax(model(x), dim=-1)
-                    y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
-                for start in range(0, len(y), chunk):
-                    part = slice(start, start + chunk)
-                    grads = per_sample_grads(weights, tree_map(lambda t: t[part], x), y[part])
-                    for name, g in grads.items():
-                        fisher[name] += g.square().sum(0)
-                count += len(y)
-    finally:
-        model.train(was_training)
+    # Outer no_grad: torch.func.grad still differentiates inside, but records no graph through
+    # the parameters it does not differentiate (the head) into the result.
+    with evaluating(model) as device, torch.no_grad():  # CPU batches go to the model's device
+        for batch in batches:
+            x, y = to_device(batch, device)
+            if sample_labels:
+                probs = F.softmax(model(x), dim=-1)
+                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+            for start in range(0, len(y), chunk):
+                part = slice(start, start + chunk)
+                grads = per_sample_grads(weights, tree_map(lambda t: t[part], x), y[part])
+                for name, g in grads.items():
+                    fisher[name] += g.square().sum(0)
+            count += len(y)
     if several_ranks():
         # DDP: each rank saw its share of the source set; sum the squares and the counts.
         count = int(sum_across_ranks([float(count)])[0])

@@ -31,14 +31,15 @@ import torch
 from transferlab.data.loaders import EpochBatches
 from transferlab.errors import Preempted
 
-KILL_AT_ENV = "TRANSFERLAB_KILL_AT"
+# Read once: the check runs after every training step.
+KILL_AT = os.environ.get("TRANSFERLAB_KILL_AT")
 
 
 def fault_point(name: str) -> None:
     """Test hook: TRANSFERLAB_KILL_AT=<point> sends this process SIGKILL (or the signal named by
     TRANSFERLAB_KILL_SIGNAL, e.g. TERM) at that point — the resume tests interrupt runs at exact
     steps and between stages this way, not by sleeping. Points: <stage>:step<n>, after:<stage>."""
-    if os.environ.get(KILL_AT_ENV) == name:
+    if KILL_AT == name:
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("TRANSFERLAB_KILL_SIGNAL", "KILL")))
 
 
@@ -113,9 +114,12 @@ class StageCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        fault_point(f"{self.stage}:step{step}")
+        if KILL_AT:
+            fault_point(f"{self.stage}:step{step}")
         preempted = trainer.received_sigterm
         due = self.interval_s is not None and time.monotonic() - self._last_save >= self.interval_s
+        if trainer.world_size > 1:  # a save is collective: every rank must take rank 0's decision
+            preempted, due = trainer.strategy.broadcast((preempted, due), src=0)
         if preempted or due or (self.every_n_steps and step % self.every_n_steps == 0):
             self._position = (trainer.current_epoch, batch_idx + 1)
             self.save(trainer)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,20 +24,27 @@ def to_device(batch, device: torch.device):
     return x, y.to(device, non_blocking=True)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (dropout off, BatchNorm statistics fixed) for the block; yields the model's device.
+    The model's own mode comes back afterwards, whatever happens inside."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model_device(model)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predictions(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
     """(true labels, predicted labels) over the loader."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
     true, predicted = [], []
-    try:
+    with evaluating(model) as device:
         for batch in loader:
             x, y = to_device(batch, device)
             predicted.append(model(x).argmax(-1).cpu())
             true.append(y.cpu())
-    finally:
-        model.train(was_training)
     if not true:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return torch.cat(true).numpy(), torch.cat(predicted).numpy()
@@ -82,16 +91,11 @@ def entity_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dic
 
 @torch.no_grad()
 def token_scores(model: nn.Module, loader, label_names: list[str]) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
     true_tags, pred_tags = [], []
-    try:
+    with evaluating(model) as device:
         for batch in loader:
             x, y = to_device(batch, device)
             t, p = tag_sequences(model(x), y, label_names)
             true_tags += t
             pred_tags += p
-    finally:
-        model.train(was_training)
     return entity_scores(true_tags, pred_tags)

@@ -66,8 +66,7 @@ def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: Stage
     A resumed run whose source stage had finished takes that copy back."""
     run_checkpoint = run_dir / "checkpoints" / "source.pt"
     if run_checkpoint.is_file():
-        module = load_source_file(run_checkpoint, str(run_checkpoint), cfg, data, backbone)
-        info = torch.load(run_checkpoint, map_location="cpu", weights_only=True).get("info", {})
+        module, info = load_source_file(run_checkpoint, str(run_checkpoint), cfg, data, backbone)
         return module, {**info, "cache/source_hit": None}
     if cache is None:
         module, info = train_source(cfg, data, backbone, run_dir)
@@ -81,7 +80,7 @@ def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: Stage
         (folder / "info.json").write_text(json.dumps(info))
 
     def load(folder: Path):
-        module = load_source_file(folder / "source.pt", f"cache entry {folder}", cfg, data, backbone)
+        module, _ = load_source_file(folder / "source.pt", f"cache entry {folder}", cfg, data, backbone)
         return module, json.loads((folder / "info.json").read_text()), folder / "source.pt"
 
     (module, info, cached_file), hit = cache.fetch("source", source_settings(cfg, data), compute, load)
@@ -119,11 +118,12 @@ def load_source_checkpoint(cfg, data: TransferData, backbone) -> tuple[TaskModul
     path = Path(cfg.source.path)
     if not path.is_file():
         raise TransferlabError(f"{where}: file not found; point it at checkpoints/source.pt of a source=train run")
-    return load_source_file(path, where, cfg, data, backbone), {}
+    return load_source_file(path, where, cfg, data, backbone)[0], {}
 
 
-def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) -> TaskModule:
-    """Load backbone + source head from `path`; `where` names it in error messages."""
+def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) -> tuple[TaskModule, dict]:
+    """Load backbone + source head from `path`, with the source stage's metrics saved beside them
+    (none in checkpoints from before they were saved); `where` names it in error messages."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  torch raises many types for a damaged file
@@ -152,4 +152,4 @@ def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) 
                                    f"{payload['backbone_config']}")
     backbone.load_state_dict(payload["backbone"])
     head.load_state_dict(payload["head"])
-    return TaskModule(backbone, head, task="source", lr=cfg.source.lr)
+    return TaskModule(backbone, head, task="source", lr=cfg.source.lr), payload.get("info", {})
