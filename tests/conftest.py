@@ -49,3 +49,12 @@ def assert_penalty_matches_autograd(reg, backbone, head, batch, y, penalty) -> N
     for got, want in zip([p.grad for p in trainable], expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(reg.penalty(), penalty().detach(), atol=1e-5, rtol=1e-5)
+
+
+def prepare_statistics(method, source_model, loader, backbone) -> None:
+    """What the experiment does before the target stage: the method's statistics from the source
+    model (at its current weights) and `loader`, handed back to the method."""
+    from transferlab.method import MethodContext
+
+    ctx = MethodContext(backbone=backbone, source_model=source_model, source_loader=lambda: loader)
+    method.use_statistics(method.compute_statistics(ctx), ctx)

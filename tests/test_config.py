@@ -11,7 +11,7 @@ from omegaconf.errors import ValidationError
 
 from conftest import compose_config
 from transferlab.cli import CONF_DIR
-from transferlab.config import validate
+from transferlab.config import Signed, check_arguments, validate
 from transferlab.errors import ConfigError
 
 GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "trainer", "logger", "cache", "experiment", "debug"]
@@ -68,11 +68,61 @@ def test_misspelled_key_fails_at_compose_naming_it(override, key):
 
 
 @pytest.mark.parametrize("override,key", [("seed=abc", "seed"), ("target.epochs=ten", "epochs"),
-                                          ("freeze=partial freeze.k=one", "k"), ("source=banana", "source")])
+                                          ("source=banana", "source")])
 def test_wrong_type_or_unknown_option_fails_at_compose(override, key):
     with pytest.raises((ConfigCompositionException, ValidationError)) as info:
         compose_config(override.split())
     assert key in str(info.value) + str(info.value.__cause__)
+
+
+# A component's schema is its class's signature: types and bounds checked before anything runs.
+@pytest.mark.parametrize("overrides,message", [
+    (["freeze=partial", "freeze.k=one"], "freeze.k=one: must be an integer"),
+    (["freeze=partial", "freeze.k=-1"], "freeze.k=-1: must be >= 0"),
+    (["freeze=lora", "freeze.dropout=1.5"], "freeze.dropout=1.5: must be < 1"),
+    (["freeze=llrd", "freeze.decay=0"], "freeze.decay=0: must be > 0"),
+    (["regularizer=l2sp", "regularizer.alpha=-1"], "regularizer.alpha=-1: must be >= 0"),
+    (["regularizer=ewc", "regularizer.lam=-100"], "regularizer.lam=-100: must be >= 0"),
+    (["regularizer=ewc", "regularizer.normalize=median"], "regularizer.normalize=median: choose one of none, max, mean"),
+    (["regularizer=lwf", "regularizer.temperature=0"], "regularizer.temperature=0: must be > 0"),
+    (["backbone=mlp", "backbone.hidden=[8,-2]"], "backbone.hidden[1]=-2: must be > 0"),
+    (["scheduler=cosine", "target.scheduler.warmup_ratio=1.5"], "target.scheduler.warmup_ratio=1.5: must be < 1"),
+    (["optimizer=sgd", "+target.optimizer.momentun=0.5"], "target.optimizer.momentun: SGD takes no such setting"),
+])
+def test_component_arguments_are_checked_against_their_signature(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+class FutureRegularizer:
+    """A regularizer whose author wrote plain floats, no bounds."""
+
+    def __init__(self, strength: float, shift: Signed = 0.0):
+        self.strength, self.shift = strength, shift
+
+
+def test_every_regularizer_coefficient_must_be_non_negative_by_rule():
+    """The rule covers any regularizer, present or future: a float argument without bounds of
+    its own is a coefficient (>= 0); `Signed` opts out; elsewhere plain floats are free."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"_target_": "test_config.FutureRegularizer", "strength": -0.5, "shift": -1.0})
+    with pytest.raises(ConfigError, match="regularizer.strength=-0.5: must be >= 0"):
+        check_arguments(node, "regularizer", coefficients=True)
+    check_arguments(node, "freeze")  # not a regularizer: no rule
+    node.strength = 0.0
+    check_arguments(node, "regularizer", coefficients=True)  # shift is Signed: negative is fine
+
+
+def test_config_imports_without_torch_or_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, transferlab.config, transferlab.cli; "
+            "print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -55,9 +55,9 @@ def test_two_processes_match_one_process(tmp_path):
     assert p1[max(p1)] > 0
     # Rank 0 alone writes: one CSV log per stage, one cache entry per cached computation.
     assert sorted(p.parent.name for p in tmp_path.joinpath("ddp").rglob("metrics.csv")) == ["source", "target"]
-    assert two["metrics"]["cache/source_hit"] is False and two["metrics"]["cache/source_statistics_hit"] is False
+    assert two["metrics"]["cache/source_hit"] is False and two["metrics"]["cache/ewc_statistics_hit"] is False
     entries = sorted(p.parent.parent.name for p in (tmp_path / "cache2").rglob("manifest.json"))
-    assert entries == ["source", "source_statistics"]
+    assert entries == ["method_statistics", "source"]
     assert not [p for p in (tmp_path / "cache2").rglob("*") if ".tmp" in p.name], "a rank left a temporary entry"
 
 

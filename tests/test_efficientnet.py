@@ -115,4 +115,4 @@ def test_digits_run_end_to_end(tmp_path):
     m = results["metrics"]
     assert 0 <= m["target/test_acc"] <= 1 and m["source/test_acc_before"] is not None
     assert m["params/total"] == 3371008 + 1280 * 5 + 5 > m["params/trainable"]
-    assert m["cache/source_statistics_hit"] is False  # the EWC Fisher ran through the MBConv blocks
+    assert m["cache/ewc_statistics_hit"] is False  # the EWC Fisher ran through the MBConv blocks

@@ -40,7 +40,7 @@ def fit(policy, epochs=3):
     data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0, with_source=False)
     backbone = SmallCNN(data.input_shape, channels=[8, 16, 16])
     head = classification_head(backbone.feature_dim, 5)
-    module = TaskModule(backbone, head, task="target", lr=1e-2)
+    module = TaskModule(backbone, head, stage="target", lr=1e-2)
     snaps = EpochSnapshots()
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[policy, snaps], num_sanity_val_steps=0)
@@ -100,7 +100,7 @@ def optimizer_groups(policy, num_blocks: int, lr: float) -> list[dict]:
     """The param groups TaskModule builds for a CNN of `num_blocks` blocks under `policy`."""
     backbone = SmallCNN((1, 8, 8), channels=[4] * num_blocks)
     policy.check(backbone.num_blocks, epochs=1)
-    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), task="target", lr=lr,
+    module = TaskModule(backbone, classification_head(backbone.feature_dim, 3), stage="target", lr=lr,
                         lr_scales=policy.lr_scales(backbone.num_blocks))
     return module.configure_optimizers().param_groups
 

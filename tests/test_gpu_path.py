@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import compose_config
+from transferlab.method import MethodContext
 from transferlab.backbones.cnn import SmallCNN
 from transferlab.data.loaders import make_loader
 from transferlab.regularizers.base import sum_of_squares
@@ -17,7 +18,7 @@ from transferlab.regularizers.ewc import EWC
 from transferlab.regularizers.fisher import diagonal_fisher
 from transferlab.regularizers.l2 import L2
 from transferlab.regularizers.l2sp import L2SP
-from transferlab.stages.evaluate import accuracy, to_device
+from transferlab.tasks import Classification, to_device
 from transferlab.stages.trainer import stage_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -88,9 +89,9 @@ def test_ewc_moves_cpu_statistics_to_the_parameters_dtype_and_device():
     backbone, head = small_model()
     fisher = {n: torch.ones_like(p) for n, p in backbone.named_parameters()}
     ewc = EWC(lam=1.0)
-    ewc.set_source_statistics(fisher, backbone)
+    ewc.use_statistics(fisher, MethodContext(backbone=backbone))
     backbone.double(), head.double()  # what Lightning's .to(device) does, in a way a CPU can show
-    ewc.attach(backbone, head)
+    ewc.attach(MethodContext(backbone=backbone, head=head))
     for p, f, a in zip(backbone.parameters(), ewc.fisher, ewc.anchors):
         assert (f.dtype, f.device, a.dtype, a.device) == (p.dtype, p.device, p.dtype, p.device)
     x, y = batch()
@@ -106,8 +107,8 @@ def test_ewc_penalty_is_the_fused_form_of_the_written_out_sum():
     g = torch.Generator().manual_seed(3)
     fisher = {n: torch.rand(p.shape, generator=g) for n, p in backbone.named_parameters()}
     ewc = EWC(lam=2.0)
-    ewc.set_source_statistics(fisher, backbone)
-    ewc.attach(backbone, head)
+    ewc.use_statistics(fisher, MethodContext(backbone=backbone))
+    ewc.attach(MethodContext(backbone=backbone, head=head))
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -121,7 +122,7 @@ def test_ewc_penalty_is_the_fused_form_of_the_written_out_sum():
 def test_penalties_with_nothing_trainable_are_zero_on_the_parameters_device():
     backbone, head = small_model()
     l2, l2sp = L2(alpha=1.0), L2SP(alpha=1.0, beta=0.0)
-    l2.attach(backbone, head), l2sp.attach(backbone, head)
+    l2.attach(MethodContext(backbone=backbone, head=head)), l2sp.attach(MethodContext(backbone=backbone, head=head))
     for p in [*backbone.parameters(), *head.parameters()]:
         p.requires_grad_(False)
     for value in (l2.penalty(), l2sp.penalty()):
@@ -151,7 +152,7 @@ def test_to_device_moves_tensor_and_dict_batches():
 def test_accuracy_and_fisher_read_the_model_device(monkeypatch):
     """Both ask the model where it lives and move each batch there (CPU here: the call is there)."""
     import transferlab.regularizers.fisher as fisher_module
-    import transferlab.stages.evaluate as evaluate
+    import transferlab.tasks as evaluate
 
     calls = []
     real = evaluate.to_device
@@ -164,7 +165,7 @@ def test_accuracy_and_fisher_read_the_model_device(monkeypatch):
     monkeypatch.setattr(fisher_module, "to_device", spy)
     model = DeviceSpy()
     loader = make_loader((torch.rand(10, 4), torch.randint(0, 2, (10,))), 4, shuffle=False)
-    accuracy(model, loader)
+    Classification(2).evaluate(model, loader)
     diagonal_fisher(model, dict(model.named_parameters()), loader)
     assert calls == [torch.device("cpu")] * 6
 
@@ -195,11 +196,11 @@ def test_pinned_loader_batches_are_page_locked():
 def test_ewc_and_l2sp_statistics_follow_the_backbone_to_cuda():
     backbone, head = small_model()
     ewc = EWC(lam=1.0)
-    ewc.set_source_statistics({n: torch.ones_like(p) for n, p in backbone.named_parameters()}, backbone)
+    ewc.use_statistics({n: torch.ones_like(p) for n, p in backbone.named_parameters()}, MethodContext(backbone=backbone))
     backbone.cuda(), head.cuda()
     l2sp = L2SP(alpha=0.1, beta=0.01)
     for reg in (ewc, l2sp):
-        reg.attach(backbone, head)
+        reg.attach(MethodContext(backbone=backbone, head=head))
     x, y = batch()
     nn.functional.cross_entropy(head(backbone(x.cuda())), y.cuda()).backward()
     for reg in (ewc, l2sp):
@@ -213,7 +214,7 @@ def test_accuracy_runs_a_cuda_model_on_cpu_batches():
     backbone, head = small_model()
     model = nn.Sequential(backbone, head).cuda()
     x, y = batch()
-    assert 0.0 <= accuracy(model, make_loader((x, y), 8, shuffle=False)) <= 1.0
+    assert 0.0 <= Classification(3).evaluate(model, make_loader((x, y), 8, shuffle=False))["acc"] <= 1.0
 
 
 @cuda
@@ -226,4 +227,4 @@ def test_a_transfer_run_with_ewc_completes_on_cuda(make_cfg, tmp_path):
     assert results["status"] == "completed", results.get("error")
     m = results["metrics"]
     assert 0.0 <= m["target/test_acc"] <= 1.0 and 0.0 <= m["source/test_acc_after"] <= 1.0
-    assert m["cache/source_statistics_hit"] is False
+    assert m["cache/ewc_statistics_hit"] is False

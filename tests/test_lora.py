@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import assert_penalty_matches_autograd, compose_config
+from conftest import prepare_statistics, assert_penalty_matches_autograd, compose_config
+from transferlab.method import MethodContext
 from transferlab.backbones.cnn import SmallCNN
 from transferlab.backbones.minilm import MiniLM
 from transferlab.data.loaders import make_loader
@@ -79,7 +80,7 @@ def test_only_adapters_and_head_move_in_a_fit(tweets):
     tokens = tokenize(tweets[0], backbone.tokenizer, 32)
     head = classification_head(backbone.feature_dim, 3)
     # weight_decay > 0: decoupled decay would move frozen weights if AdamW touched them
-    module = TaskModule(backbone, head, task="target", lr=1e-2, weight_decay=0.1)
+    module = TaskModule(backbone, head, stage="target", lr=1e-2, weight_decay=0.1)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[lora(r=4)], num_sanity_val_steps=0)
@@ -126,7 +127,7 @@ def test_l2sp_gradient_on_the_lora_model_equals_autograd(tweets):
     named = dict(backbone.named_parameters())
     anchors = {n: p.detach().clone() for n, p in named.items() if is_adapter(n)}
     reg = L2SP(alpha=0.7, beta=0.05)
-    reg.attach(backbone, head)
+    reg.attach(MethodContext(backbone=backbone, head=head))
     move_trainable(backbone, head)
     batch, y = tokenize(tweets[0][:6], backbone.tokenizer, 32)[list(range(6))], tweets[1][:6]
 
@@ -144,7 +145,7 @@ def test_ewc_gradient_on_the_lora_model_equals_autograd(tweets):
     source_head = nn.Linear(HIDDEN, 3)
     tokens = tokenize(tweets[0][:24], backbone.tokenizer, 32)
     reg = EWC(lam=50.0)
-    reg.prepare_from_source(nn.Sequential(backbone, source_head),
+    prepare_statistics(reg, nn.Sequential(backbone, source_head),
                             make_loader((tokens, tweets[1][:24]), 12, shuffle=False), backbone)
     backbone.eval()  # the Fisher pass hands the (train-mode) Sequential back in train mode: dropout off again
     names = [n for n, _ in backbone.named_parameters()]
@@ -155,7 +156,7 @@ def test_ewc_gradient_on_the_lora_model_equals_autograd(tweets):
     named = dict(backbone.named_parameters())
     anchors = {n: p.detach().clone() for n, p in named.items()}
     head = nn.Linear(HIDDEN, 3)
-    reg.attach(backbone, head)
+    reg.attach(MethodContext(backbone=backbone, head=head))
     move_trainable(backbone)
     batch, y = tokens[list(range(6))], tweets[1][:6]
 
@@ -195,11 +196,11 @@ def test_ewc_statistics_cache_key_includes_the_adapters(tmp_path):
     first = run_experiment(lora_cfg(tmp_path, "regularizer=ewc"), tmp_path / "a")["metrics"]
     again = run_experiment(lora_cfg(tmp_path, "regularizer=ewc"), tmp_path / "b")["metrics"]
     plain = run_experiment(lora_cfg(tmp_path, "regularizer=ewc", freeze=["freeze=full"]), tmp_path / "c")["metrics"]
-    assert first["cache/source_statistics_hit"] is False and again["cache/source_statistics_hit"] is True
+    assert first["cache/ewc_statistics_hit"] is False and again["cache/ewc_statistics_hit"] is True
     assert again["cache/source_hit"] is True and again["target/test_acc"] == first["target/test_acc"]
     # the same source stage, but other parameters: its own Fisher, not the LoRA one's
-    assert plain["cache/source_hit"] is True and plain["cache/source_statistics_hit"] is False
-    entries = [p for p in (tmp_path / "outputs" / "cache" / "source_statistics").iterdir() if p.is_dir()]
+    assert plain["cache/source_hit"] is True and plain["cache/ewc_statistics_hit"] is False
+    entries = [p for p in (tmp_path / "outputs" / "cache" / "method_statistics").iterdir() if p.is_dir()]
     assert len(entries) == 2  # one key each: neither overwrote the other
     for m in (first, plain):
         assert m["source/test_acc_before"] is not None and m["transfer/forgetting"] is not None

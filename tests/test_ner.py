@@ -16,7 +16,7 @@ from transferlab.data.wnut import TAG_NAMES, load_wnut16_ner
 from transferlab.errors import ConfigError
 from transferlab.experiment import run_experiment
 from transferlab.results import read_results
-from transferlab.stages.evaluate import entity_scores
+from transferlab.tasks import entity_scores
 
 X = -100  # not scored
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from conftest import assert_penalty_matches_autograd, compose_config
+from transferlab.method import MethodContext
 from transferlab.backbones.hf import HFEncoder
 from transferlab.backbones.minilm import MiniLM, minilm_path
 from transferlab.config import validate
@@ -95,7 +96,7 @@ def test_l2sp_gradient_on_the_transformer_equals_autograd(minilm):
     head = nn.Linear(backbone.feature_dim, 3)
     anchors = [p.detach().clone() for p in backbone.parameters()]
     reg = L2SP(alpha=0.7, beta=0.05)
-    reg.attach(backbone, head)
+    reg.attach(MethodContext(backbone=backbone, head=head))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in [*backbone.parameters(), *head.parameters()]:

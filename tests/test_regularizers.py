@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import prepare_statistics
+from transferlab.method import MethodContext
 from transferlab.backbones.cnn import SmallCNN
 from transferlab.regularizers.ewc import EWC
 from transferlab.regularizers.fisher import diagonal_fisher, normalize_fisher
@@ -59,7 +61,7 @@ def check_penalty(reg, backbone, head, autograd_penalty):
 def test_l2_gradient_equals_autograd():
     backbone, head = small_model()
     reg = L2(alpha=0.3)
-    reg.attach(backbone, head)
+    reg.attach(MethodContext(backbone=backbone, head=head))
     penalty = lambda: 0.3 / 2 * sum((p ** 2).sum() for p in [*backbone.parameters(), *head.parameters()])  # noqa: E731
     check_penalty(reg, backbone, head, penalty)
 
@@ -68,7 +70,7 @@ def test_l2sp_gradient_equals_autograd():
     backbone, head = small_model()
     anchors = [p.detach().clone() for p in backbone.parameters()]
     reg = L2SP(alpha=0.7, beta=0.05)
-    reg.attach(backbone, head)
+    reg.attach(MethodContext(backbone=backbone, head=head))
     move(backbone)  # otherwise w == w0 and the L2-SP term is trivially zero
     move(head, seed=3)
 
@@ -85,11 +87,11 @@ def test_ewc_gradient_equals_autograd(normalize):
     backbone, head = small_model()
     model = nn.Sequential(backbone, head)
     reg = EWC(lam=50.0, normalize=normalize)
-    reg.prepare_from_source(model, [batch(seed=5, n=20)], backbone)
+    prepare_statistics(reg, model, [batch(seed=5, n=20)], backbone)
     fisher = [f.clone() for f in reg.fisher]
     anchors = [p.detach().clone() for p in backbone.parameters()]
     new_head = nn.Linear(backbone.feature_dim, 3)
-    reg.attach(backbone, new_head)
+    reg.attach(MethodContext(backbone=backbone, head=new_head))
     move(backbone)
 
     def penalty():
@@ -104,7 +106,7 @@ def test_ewc_gradient_equals_autograd(normalize):
 def test_frozen_parameters_get_no_penalty_gradient():
     backbone, head = small_model()
     reg = L2SP(alpha=1.0, beta=1.0)
-    reg.attach(backbone, head)
+    reg.attach(MethodContext(backbone=backbone, head=head))
     move(backbone)
     frozen = list(backbone.blocks[0].parameters())
     x, y = batch()

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-# Dropout (the RNG), EWC (Fisher and anchors), gradual unfreezing (the schedule's position):
-# everything a resume must restore. Digits: 19 target steps per epoch.
+# Dropout (the RNG), EWC (Fisher and anchors), gradual unfreezing (the schedule's position), the
+# learning-rate schedules of both stages (warmup + cosine, linear): everything a resume must
+# restore. Digits: 19 target steps per epoch.
 RUN = ["logger=csv", "cache=off", "backbone=mlp", "backbone.hidden=[32,32]", "backbone.dropout=0.3",
        "freeze=gradual", "regularizer=ewc", "source.epochs=2", "target.epochs=3", "source.lr=1e-2",
-       "target.lr=1e-2", "trainer.checkpoint_interval_s=null"]
+       "target.lr=1e-2", "trainer.checkpoint_interval_s=null", "scheduler=cosine", "target.scheduler.warmup_steps=7",
+       "scheduler@source.scheduler=linear"]
 
 
 def transferlab(run_dir: Path, *overrides: str, kill_at: str | None = None, signal_name: str = "KILL"):

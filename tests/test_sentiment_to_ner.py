@@ -18,7 +18,7 @@ from transferlab.data.wnut import TAG_NAMES, load_wnut16_ner
 from transferlab.errors import ConfigError
 from transferlab.experiment import run_experiment
 from transferlab.results import read_results
-from transferlab.stages.source import source_settings
+from transferlab.stage_store import source_settings
 
 
 def test_source_task_from_its_own_pool():
@@ -80,6 +80,6 @@ def test_sentiment_to_ner_runs_and_measures_forgetting_on_sentiment(tmp_path, re
     assert m["transfer/forgetting"] == pytest.approx(m["source/test_acc_before"] - m["source/test_acc_after"])
     assert m["data/source_train_size"] == 48 and m["data/source_test_size"] == math.ceil(0.01 * 14638)  # of the airline tweets (sklearn rounds up)
     if regularizer == "ewc":
-        assert m["cache/source_statistics_hit"] is False and m["time/source_statistics_s"] > 0
+        assert m["cache/ewc_statistics_hit"] is False and m["time/ewc_statistics_s"] > 0
     saved = torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)
     assert saved["dataset"] == "tweets_sentiment" and saved["source_classes"] == [0, 1, 2]

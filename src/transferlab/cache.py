@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 
 from filelock import FileLock
 
-from transferlab.distributed import barrier, broadcast_from_zero, rank_and_world_size
+from transferlab.collectives import barrier, broadcast_from_zero, rank_and_world_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

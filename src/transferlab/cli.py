@@ -1,7 +1,9 @@
 """`transferlab [overrides]` / `python -m transferlab`: compose → validate → run → results.json.
 `transferlab report <sweep dir>`: the ablation report of a finished (or partial) sweep.
+`transferlab --help`: the groups and their options, read from conf/ (no torch is imported).
 
-Thin on purpose: the work is in `experiment.run_experiment` and `report.write_report`.
+Thin on purpose: the work is in `experiment.run_experiment` and `report.write_report`. This
+module imports neither torch nor Lightning at the top, so `--help` and `--cfg job` are fast.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ CONF_DIR = find_conf_dir()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> float | None:
-    from transferlab.distributed import launch
     from transferlab.errors import Preempted, TransferlabError
     from transferlab.experiment import format_summary, one_line, run_experiment
+    from transferlab.launch import launch, quiet_third_party_logs
 
     quiet_third_party_logs()
     hydra_cfg = HydraConfig.get()
@@ -72,13 +74,15 @@ def hydra_entry(cfg: DictConfig) -> float | None:
 
 
 def objective(cfg: DictConfig, results: dict) -> float | None:
-    """The value a sweeper optimizes (Optuna maximizes `optimized_metric`)."""
-    if not cfg.optimized_metric:
+    """The value a sweeper optimizes: `optimized_metric`, else the task's primary validation
+    metric (Optuna maximizes it)."""
+    task = results.get("task") or {}
+    name = cfg.optimized_metric or (f"target/val_{task['primary_metric']}" if task.get("primary_metric") else None)
+    if name is None:
         return None
-    value = results["metrics"].get(cfg.optimized_metric)
+    value = results["metrics"].get(name)
     if value is None:
-        log.error("optimized_metric=%s: not among this run's metrics (%s)", cfg.optimized_metric,
-                  ", ".join(sorted(results["metrics"])))
+        log.error("optimized_metric=%s: not among this run's metrics (%s)", name, ", ".join(sorted(results["metrics"])))
         return math.nan
     return float(value)
 
@@ -99,11 +103,69 @@ def share_cpu_with_parallel_jobs(cfg: DictConfig, hydra_cfg) -> None:
         torch.set_num_threads(max(1, cores // n_jobs))
 
 
-def quiet_third_party_logs() -> None:
-    """Lightning's banners (GPU available, tips) are noise next to our summary; warnings stay."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
-                 "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+# -- help ----------------------------------------------------------------------------------------
+HELP_HEADER = """\
+transferlab — transfer-learning experiments: train (or load) a backbone on a source task,
+fine-tune it on a target task under a freeze policy and a regularizer, and get target accuracy
+selected on validation and tested once, forgetting of the source task, and the scratch baseline
+(source=scratch) one override away. Each run writes outputs/runs/<name>/<time>/results.json
+(resolved config, git SHA, versions), a CSV log and an offline W&B run; a sweep (-m) writes
+outputs/multiruns/<name>/<time>/<job>/ and ends with a report. TRANSFERLAB_OUTPUT moves the root.
+
+usage:
+  transferlab [group=option ...] [key=value ...]     one run
+  transferlab -m key=a,b seed=0,1,2                   a sweep (Hydra multirun), then its report
+  transferlab report <sweep dir>                      the report of a (partial) sweep
+  transferlab --cfg job [overrides]                   the composed config, without running
+  transferlab --hydra-help                            Hydra's own options
+"""
+
+HELP_GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "optimizer", "scheduler", "trainer",
+               "logger", "cache", "experiment", "hparams_search", "debug"]
+
+HELP_KNOBS = """\
+key knobs: seed (0 is a seed), name, target.{epochs,lr,weight_decay,batch_size,early_stopping_patience},
+  source.{epochs,lr,weight_decay,batch_size,path}, data.{target_train_size,source_classes,target_classes},
+  optimizer@source.optimizer=sgd / scheduler@source.scheduler=cosine (the source stage's recipe),
+  target.scheduler.warmup_ratio, force=true (rerun a completed run), cache=off.
+examples:
+  transferlab regularizer=l2sp
+  transferlab optimizer=sgd scheduler=cosine target.scheduler.warmup_ratio=0.1
+  transferlab -m experiment=regularizer_ablation && transferlab report outputs/multiruns/regularizer_ablation
+"""
+
+
+def option_summary(path: Path) -> str:
+    """An option's one-line description: the first comment line of its YAML (after any
+    `# @package` header)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+        if line.strip() and not line.startswith("#"):
+            break
+    return ""
+
+
+def help_text(width: int = 100) -> str:
+    lines = [HELP_HEADER, "config groups (group=option; * marks the default):"]
+    defaults = default_choices()
+    for group in HELP_GROUPS:
+        options = sorted((CONF_DIR / group).glob("*.yaml"))
+        if not options:
+            continue
+        lines.append(f"  {group}:")
+        for p in options:
+            line = f"    {'*' if defaults.get(group) == p.stem else ' '}{p.stem:<21} {option_summary(p)}"
+            lines.append(line if len(line) <= width else line[:width - 1] + "…")
+    lines += ["", HELP_KNOBS]
+    return "\n".join(lines)
+
+
+def default_choices() -> dict[str, str]:
+    import yaml
+
+    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text()).get("defaults", [])
+    return {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items() if "@" not in k}
 
 
 def main() -> None:
@@ -111,6 +173,9 @@ def main() -> None:
         from transferlab.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h"):
+        print(help_text())
+        return
     register_schemas()
     hydra_entry()
 

@@ -1,23 +1,53 @@
-"""Typed config schemas, registered in Hydra's ConfigStore.
+"""Typed config schemas, and the checks types alone cannot express.
 
-Hydra merges each YAML in conf/ onto its schema, so a misspelled key or a wrong type fails at
-compose time with the full key in the message. Component options (a backbone, a freeze policy, a
-regularizer) keep their schema next to their code and register it under ``schema/<group>``.
-`validate` then checks what types cannot: ranges and cross-field constraints.
+- The run's own settings (data, source, target, trainer, logger, paths, cache) are dataclasses
+  in Hydra's ConfigStore: a misspelled key or a wrong type fails at compose time, naming the key.
+- A component (a backbone, freeze policy, regularizer, optimizer, schedule, dataset loader) is a
+  `_target_` node whose schema is its class's `__init__` signature: `check_arguments` checks every
+  key against the annotations (types, and bounds such as `NonNegative`) before anything runs. Its
+  defaults live in its YAML alone. Unknown keys still fail at compose (struct mode).
+- Importing this module imports neither torch nor Lightning: `--help` and `--cfg job` stay fast.
+
+`validate` runs both, plus ranges and cross-field constraints, raising a one-line ConfigError.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import enum
+import inspect
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Annotated, Any, List, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from transferlab.errors import ConfigError
+
+
+# -- bounds for component arguments (annotations on __init__) -----------------------------------
+@dataclass(frozen=True)
+class Bounds:
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def violated(self, value) -> Optional[str]:
+        for op, limit, ok in (("<", self.lt, lambda v, x: v < x), ("<=", self.le, lambda v, x: v <= x),
+                              (">", self.gt, lambda v, x: v > x), (">=", self.ge, lambda v, x: v >= x)):
+            if limit is not None and not ok(value, limit):
+                return f"must be {op} {limit:g}"
+        return None
+
+
+NonNegative = Annotated[float, Bounds(ge=0)]  # a coefficient: 0 turns the term off
+Positive = Annotated[float, Bounds(gt=0)]
+PositiveInt = Annotated[int, Bounds(gt=0)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+Probability = Annotated[float, Bounds(ge=0, lt=1)]  # e.g. a dropout rate
+Signed = Annotated[float, Bounds()]  # a float that may be negative (regularizers must say so)
 
 
 @dataclass
@@ -56,6 +86,9 @@ class SourceConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     path: Optional[str] = None  # for mode=checkpoint: a checkpoints/source.pt
+    # Hydra partials (conf/optimizer, conf/scheduler): optimizer@source.optimizer=sgd
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
 
 
 @dataclass
@@ -65,6 +98,9 @@ class TargetConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     early_stopping_patience: Optional[int] = None  # epochs without val improvement (None: off)
+    # Hydra partials (conf/optimizer, conf/scheduler): optimizer=sgd scheduler=cosine
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
 
 
 @dataclass
@@ -131,23 +167,14 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     force: bool = False  # rerun even if this run dir already holds a completed run of this config
-    optimized_metric: Optional[str] = None  # what a sweeper (Optuna) maximizes, e.g. target/val_acc
-
-
-COMPONENT_PACKAGES = {
-    "backbone": "transferlab.backbones",
-    "freeze": "transferlab.freeze",
-    "regularizer": "transferlab.regularizers",
-}
+    # What a sweeper (Optuna) maximizes; None: the task's primary validation metric
+    # (target/val_acc, or target/val_f1 for NER).
+    optimized_metric: Optional[str] = None
 
 
 def register_schemas() -> None:
-    """Put every schema in the ConfigStore (idempotent).
-
-    A component module (``backbones/cnn.py``, ``freeze/partial.py``, ...) that defines a dataclass
-    named ``Config`` is registered as ``schema/<group>/<module name>``; its YAML starts with
-    ``defaults: [/schema/<group>/<module name>@_here_]``. A new component is one file + one YAML.
-    """
+    """Put the run's schemas in the ConfigStore (idempotent). Components have none here: their
+    schema is their signature (`check_arguments`)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="schema", name="data", node=DataConfig)
@@ -155,17 +182,107 @@ def register_schemas() -> None:
     cs.store(group="schema", name="trainer", node=TrainerConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
     cs.store(group="schema", name="cache", node=CacheConfig)
-    for group, package_name in COMPONENT_PACKAGES.items():
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            module = importlib.import_module(f"{package_name}.{info.name}")
-            schema = getattr(module, "Config", None)
-            if schema is not None:
-                cs.store(group=f"schema/{group}", name=info.name, node=schema)
+
+
+# -- component arguments against their signature ------------------------------------------------
+HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def check_arguments(node, key: str, *, coefficients: bool = False) -> None:
+    """Every key of the `_target_` node `node` (found at `key`) against the target's `__init__`
+    (or function) signature: a parameter of that name must exist and the value must fit its
+    annotation (type and `Bounds`). `coefficients`: a float or int parameter without bounds of
+    its own must be >= 0 — the rule for regularizers, present and future (annotate `Signed` to
+    opt out)."""
+    from hydra.utils import get_object
+
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    try:
+        target = get_object(node._target_)
+    except Exception as e:  # noqa: BLE001  hydra raises several types for a bad path
+        raise ConfigError(f"{key}._target_={node._target_}: cannot be imported ({type(e).__name__}); "
+                          "check the option's YAML") from None
+    function = target.__init__ if inspect.isclass(target) else target
+    parameters = inspect.signature(function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except (NameError, TypeError):  # an annotation that does not resolve: check names only
+        hints = {}
+    for name in node:
+        if name in HYDRA_KEYS:
+            continue
+        where = f"{key}.{name}"
+        if name not in parameters:
+            if takes_any:
+                continue
+            known = ", ".join(p for p in parameters if p != "self")
+            raise ConfigError(f"{where}: {getattr(target, '__name__', target)} takes no such setting ({known})")
+        if name in hints and not OmegaConf.is_missing(node, name):
+            value = OmegaConf.to_container(node, resolve=True)[name]
+            check_value(where, value, hints[name], coefficients=coefficients)
+
+
+def check_value(where: str, value, hint, *, coefficients: bool = False) -> None:
+    bounds = None
+    if typing.get_origin(hint) is Annotated:
+        hint, *extras = typing.get_args(hint)
+        bounds = next((e for e in extras if isinstance(e, Bounds)), None)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return check_value(where, value, options[0] if bounds is None else Annotated[options[0], bounds],
+                               coefficients=coefficients)
+        return  # a real union: the target checks it
+    if hint is Any or hint is inspect.Parameter.empty:
+        return
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value}: choose one of {', '.join(map(str, args))}")
+        return
+    if inspect.isclass(hint) and issubclass(hint, enum.Enum):
+        names = [m.name for m in hint]
+        if getattr(value, "name", value) not in names:
+            raise ConfigError(f"{where}={value}: choose one of {', '.join(names)}")
+        return
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value}: must be a list")
+        if args:
+            for i, item in enumerate(value):
+                check_value(f"{where}[{i}]", item, args[0], coefficients=coefficients)
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value}: must be true or false")
+        return
+    if hint in (int, float):
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (hint is int and not isinstance(value, int)):
+            raise ConfigError(f"{where}={value}: must be {'an integer' if hint is int else 'a number'}")
+        if bounds is None and coefficients:
+            bounds = Bounds(ge=0)
+        problem = bounds.violated(value) if bounds is not None else None
+        if problem:
+            raise ConfigError(f"{where}={value}: {problem}")
+        return
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where}={value}: must be a string")
+
+
+COMPONENTS = ("backbone", "freeze", "data.dataset", "data.source_dataset", "source.optimizer", "source.scheduler",
+              "target.optimizer", "target.scheduler")
 
 
 def validate(cfg) -> None:
     """Checks that types alone cannot express. Raises ConfigError naming the key."""
+    for key in COMPONENTS:
+        check_arguments(OmegaConf.select(cfg, key), key)
+    check_arguments(cfg.regularizer, "regularizer", coefficients=True)
 
     def positive(key: str, value) -> None:
         if value is None or not value > 0:
@@ -188,7 +305,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: choose auto (one process) or ddp "
                           "(trainer=ddp for GPUs, trainer=ddp_cpu for CPU processes)")
     if cfg.trainer.accelerator in ("gpu", "cuda"):
-        import torch
+        import torch  # here only: importing config must not import torch
 
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible here; "

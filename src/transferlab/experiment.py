@@ -1,9 +1,9 @@
 """One transfer experiment, config in, results.json out:
 
-    validate → data → backbone → source stage → (EWC Fisher) → target stage → evaluation
+    validate → data → backbone → source stage → adapt → methods' statistics → target stage → evaluation
 
 `run_experiment` is a plain function: the CLI calls it, and so do tests (through Hydra's compose
-API), without a subprocess.
+API), without a subprocess. `run_stages` is that list, one call per stage.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,18 +21,19 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cache import StageCache
+from transferlab.collectives import barrier, ensure_process_group, is_global_zero, rank_and_world_size
 from transferlab.config import validate
-from transferlab.data import make_transfer_data
+from transferlab.data import TransferData, make_transfer_data
 from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.data.text import tokenize_transfer_data
-from transferlab.distributed import barrier, ensure_process_group, is_global_zero, rank_and_world_size
 from transferlab.errors import ConfigError, Preempted, TransferlabError
+from transferlab.method import MethodContext
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
+from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method_statistics, obtain_source, obtain_target
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
-from transferlab.stages.evaluate import classification_scores, token_scores
-from transferlab.stages.source import load_source_checkpoint, obtain_source, source_settings
-from transferlab.stages.target import train_target
+from transferlab.stages.source import load_source_checkpoint
 from transferlab.stages.trainer import stage_device
+from transferlab.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         "status": "running",
         "error": None,
         "metrics": {},
+        "task": None,
         "config": config,
         "provenance": {"git_sha": sha, "git_dirty": dirty, "versions": package_versions(),
                        "seed": cfg.seed, "wall_time_s": None, "resumed": resumed,
@@ -76,7 +79,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     try:
         validate(cfg)
         with stop_on_sigterm():
-            results["metrics"] = run_stages(cfg, run_dir)
+            results["metrics"], results["task"] = run_stages(cfg, run_dir)
         results["status"] = "completed"
     except BaseException as e:
         results["status"] = "interrupted" if isinstance(e, Preempted) else "failed"
@@ -118,18 +121,24 @@ def completed_run(run_dir: Path, recorded: dict | None, config: dict) -> dict | 
 def same_config(previous: dict, current: dict) -> bool:
     """Whether a run dir's recorded config is this one, execution keys aside. A key the recorded
     config lacks (added to transferlab since) matches when it holds a neutral value here (null,
-    false, empty), so an upgrade does not turn every finished sweep into "a different config"."""
+    false, empty, or the behaviour every run had before the key existed), so an upgrade does not
+    turn every finished sweep into "a different config"."""
     return comparable(previous) == comparable(without_new_neutral_keys(current, previous))
 
 
-def without_new_neutral_keys(current: dict, previous: dict) -> dict:
+# Keys added since runs were first recorded, with the value that reproduces what those runs did.
+NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
+                    ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER}
+
+
+def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) -> dict:
     kept = {}
     for key, value in current.items():
         if key not in previous:
-            if value in (None, False, [], {}):
+            if value in (None, False, [], {}) or NEUTRAL_NEW_KEYS.get((*path, key)) == value:
                 continue
         elif isinstance(value, dict) and isinstance(previous[key], dict):
-            value = without_new_neutral_keys(value, previous[key])
+            value = without_new_neutral_keys(value, previous[key], (*path, key))
         kept[key] = value
     return kept
 
@@ -164,20 +173,56 @@ def source_mode(cfg) -> str:
     return getattr(cfg.source.mode, "value", cfg.source.mode)
 
 
-def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
+@dataclass
+class Setup:
+    """What a run builds before any stage: the data and the components, checked together."""
+
+    data: TransferData
+    backbone: torch.nn.Module
+    freeze: object  # freeze.FreezePolicy
+    regularizer: object  # regularizers.Regularizer
+    mode: str  # source.mode: train | checkpoint | scratch | pretrained
+
+    @property
+    def methods(self) -> list:
+        return [self.freeze, self.regularizer]
+
+    @property
+    def has_source(self) -> bool:
+        return self.mode in ("train", "checkpoint")
+
+
+def run_stages(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+    """The stages in order; returns (metrics, the task block of results.json)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     cache = StageCache(cfg.cache.dir) if cfg.cache.enabled else None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    setup = build_setup(cfg)
+    metrics: dict = {f"data/target_{k}_size": v for k, v in setup.data.target.sizes().items()}
+    source_model = source_stage(cfg, setup, run_dir, cache, metrics)
+    # Adapters (LoRA) go in after the source stage, which trains without them, and before the
+    # methods' statistics (EWC's Fisher), which then cover what the target stage trains.
+    setup.freeze.adapt_backbone(setup.backbone, seed=cfg.seed)
+    context = method_context(cfg, setup, source_model)
+    statistics_stage(cfg, setup, context, cache if setup.mode == "train" else None, metrics)
+    # The target stage starts from its own seed, so it is the same whether the source stage
+    # was trained just now, loaded from the cache, or skipped (scratch).
+    pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
+    target_model = target_stage(cfg, setup, run_dir, context, metrics)
+    evaluation_stage(cfg, setup, target_model, source_model, context, metrics)
+    return metrics, context.task.describe(majority_test=majority_score(context.task, setup.data))
+
+
+def build_setup(cfg) -> Setup:
     mode = source_mode(cfg)
-    pool = build(cfg.data.dataset)
     has_source = mode in ("train", "checkpoint")
+    pool = build(cfg.data.dataset)
     source_pool = build(cfg.data.source_dataset) if has_source and cfg.data.source_dataset is not None else None
     data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source, source_pool=source_pool)
     check_data_fits_backbone(cfg, data)
     backbone = build(cfg.backbone, input_shape=data.input_shape)
-    freeze = build(cfg.freeze)
-    regularizer = build(cfg.regularizer)
+    freeze, regularizer = build(cfg.freeze), build(cfg.regularizer)
     pretrained = check_stage_choices(cfg, mode, backbone, freeze, regularizer)
     if mode == "scratch" and pretrained:
         backbone.reset_parameters()  # the no-transfer baseline starts from random weights
@@ -185,63 +230,94 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
         started = time.time()
         data = tokenize_transfer_data(data, backbone.tokenizer, cfg.data.max_length)  # once per run, not per epoch
         log.info("tokenized in %.1f s", time.time() - started)
+    return Setup(data, backbone, freeze, regularizer, mode)
 
-    metrics: dict = {f"data/target_{k}_size": v for k, v in data.target.sizes().items()}
-    device = stage_device(cfg.trainer)  # evaluation and the Fisher run where training ran
-    source_model = None
-    if has_source:
-        metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
-        started = time.time()
-        if mode == "train":
-            source_model, info = obtain_source(cfg, data, backbone, run_dir, cache)
-        else:
-            source_model, info = load_source_checkpoint(cfg, data, backbone)
-        metrics.update(info)
-        metrics["time/source_s"] = round(time.time() - started, 3)
-        fault_point("after:source")
-        source_test = make_loader(data.source.test, EVAL_BATCH, shuffle=False)
-        before = classification_scores(source_model.to(device), source_test, data.source.num_classes)
-        metrics.update({"source/test_acc_before": before["acc"], "source/test_macro_f1_before": before["macro_f1"]})
-    # Adapters (LoRA) go in after the source stage, which trains without them, and before the
-    # Fisher, which then covers what the target stage trains. At init they change nothing.
-    freeze.adapt_backbone(backbone, seed=cfg.seed)
-    if has_source and regularizer.needs_source:
-        started = time.time()
-        stats, hit = source_statistics(cfg, data, backbone, source_model, regularizer,
-                                       cache if mode == "train" else None, freeze.adapter_settings())
-        regularizer.set_source_statistics(stats, backbone)
-        metrics["time/source_statistics_s"] = round(time.time() - started, 3)
-        metrics["cache/source_statistics_hit"] = hit
 
-    # The target stage starts from its own seed, so it is the same whether the source stage
-    # was trained just now, loaded from the cache, or skipped (scratch).
-    pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
+def source_stage(cfg, setup: Setup, run_dir: Path, cache: StageCache | None, metrics: dict):
+    """Train (or take from the cache, or load) the source stage; measure it on its test split."""
+    if not setup.has_source:
+        return None
+    data = setup.data
+    metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
     started = time.time()
-    target_model, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir)
+    if setup.mode == "train":
+        source_model, info = obtain_source(cfg, data, setup.backbone, run_dir, cache)
+    else:
+        source_model, info = load_source_checkpoint(cfg, data, setup.backbone)
+    metrics.update(info)
+    metrics["time/source_s"] = round(time.time() - started, 3)
+    fault_point("after:source")
+    before = source_model.task.evaluate(source_model.to(stage_device(cfg.trainer)), source_test_loader(data))
+    metrics.update({f"source/test_{k}_before": v for k, v in before.items()})
+    return source_model
+
+
+def method_context(cfg, setup: Setup, source_model) -> MethodContext:
+    data = setup.data
+    rank, world_size = rank_and_world_size()  # under DDP each rank takes its share of the source set
+    return MethodContext(
+        backbone=setup.backbone, task=task_of(data.target),
+        source_model=source_model, source_head=source_model.head if source_model is not None else None,
+        source_task=source_model.task if source_model is not None else None,
+        source_weights={k: v.detach().clone() for k, v in setup.backbone.state_dict().items()}
+        if source_model is not None else None,
+        source_loader=(lambda: make_loader(data.source.train, EVAL_BATCH, shuffle=False, rank=rank,
+                                           world_size=world_size)) if data.source is not None else None,
+        target_loader=lambda: make_loader(data.target.train, EVAL_BATCH, shuffle=False),
+        seed=cfg.seed)
+
+
+def statistics_stage(cfg, setup: Setup, context: MethodContext, cache: StageCache | None, metrics: dict) -> None:
+    """What each method computes once before the target stage, through one cached path."""
+    for method in setup.methods:
+        if not method.statistics_inputs:
+            continue
+        started = time.time()
+        device = stage_device(cfg.trainer)  # where training runs: the Fisher is a backward pass
+        if context.source_model is not None:
+            context.source_model.to(device)
+        hit = method_statistics(cfg, setup.data, method, context, cache, setup.freeze.adapter_settings())
+        metrics[f"time/{method.name}_statistics_s"] = round(time.time() - started, 3)
+        metrics[f"cache/{method.name}_statistics_hit"] = hit
+
+
+def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, metrics: dict):
+    started = time.time()
+    target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer, run_dir,
+                                       context)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
     fault_point("after:target")
-    # Selection happened on validation; the test split is evaluated here, once.
-    target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
-    if data.target.token_level:  # entity-level scores; test_acc = accuracy over scored words
-        scores = token_scores(target_model.to(device), target_test, data.target.label_names)
-        metrics.update({f"target/test_{k}": v for k, v in scores.items()})
-    else:
-        scores = classification_scores(target_model.to(device), target_test, data.target.num_classes)
-        metrics.update({"target/test_acc": scores["acc"], "target/test_macro_f1": scores["macro_f1"]})
+    return target_model
 
+
+def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: MethodContext, metrics: dict) -> None:
+    """Selection happened on validation; the test split is evaluated here, once. Forgetting: the
+    kept source head (trained on, under LwF) on the source test split, after the target stage."""
+    data, device = setup.data, stage_device(cfg.trainer)
+    target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
+    scores = context.task.evaluate(target_model.to(device), target_test)
+    metrics.update({f"target/test_{k}": v for k, v in scores.items()})
     if source_model is not None:
-        after = classification_scores(source_model.to(device), source_test, data.source.num_classes)
-        metrics.update({"source/test_acc_after": after["acc"], "source/test_macro_f1_after": after["macro_f1"]})
+        after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
+        metrics.update({f"source/test_{k}_after": v for k, v in after.items()})
         metrics["transfer/forgetting"] = metrics["source/test_acc_before"] - metrics["source/test_acc_after"]
     else:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,
                         "transfer/forgetting": None})
-
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    metrics["params/total"] = count(backbone) + count(target_model.head)
-    metrics["params/trainable"] = count(target_model.head) + freeze.trainable_backbone_params(backbone, cfg.target.epochs)
-    return metrics
+    extra = count(target_model.method_modules)  # e.g. LwF's source head, trained alongside
+    metrics["params/total"] = count(setup.backbone) + count(target_model.head) + extra
+    metrics["params/trainable"] = (count(target_model.head) + extra
+                                   + setup.freeze.trainable_backbone_params(setup.backbone, cfg.target.epochs))
+
+
+def source_test_loader(data: TransferData):
+    return make_loader(data.source.test, EVAL_BATCH, shuffle=False)
+
+
+def majority_score(task, data: TransferData) -> float:
+    return task.majority_score(data.target.train[1], data.target.test[1])
 
 
 def check_data_fits_backbone(cfg, data) -> None:
@@ -262,40 +338,16 @@ def check_stage_choices(cfg, mode: str, backbone, freeze, regularizer) -> bool:
     Returns whether the backbone came pretrained."""
     freeze.check(backbone.num_blocks, cfg.target.epochs)
     freeze.check_backbone(backbone)
-    if regularizer.needs_source and mode not in ("train", "checkpoint"):
-        raise ConfigError(f"regularizer=ewc needs a source stage to estimate its Fisher, and source={mode} has none: "
-                          "use source=train or source=checkpoint, or another regularizer (e.g. l2sp)")
+    for method, group in ((freeze, "freeze"), (regularizer, "regularizer")):
+        if method.needs_source_model and mode not in ("train", "checkpoint"):
+            raise ConfigError(f"{group}={method.name} needs a source stage (its statistics come from the source "
+                              f"model), and source={mode} has none: use source=train or source=checkpoint, "
+                              "or another method (e.g. regularizer=l2sp)")
     pretrained = getattr(backbone, "pretrained", False)
     if mode == "pretrained" and not pretrained:
         raise ConfigError(f"source=pretrained needs a pretrained backbone (e.g. backbone=minilm); "
                           f"{cfg.backbone._target_} starts from random weights: use source=scratch")
     return pretrained
-
-
-def source_statistics(cfg, data, backbone, source_model, regularizer, cache: StageCache | None,
-                      adapters: dict | None = None):
-    """The regularizer's statistics of the source stage (EWC's Fisher), cached when possible.
-    `adapters`: what the freeze policy injected (LoRA) before them, which changes the parameters."""
-    rank, world_size = rank_and_world_size()  # under DDP each rank takes its share; fisher.py sums them
-    loader = make_loader(data.source.train, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size)
-    if cache is None:
-        return regularizer.compute_source_statistics(source_model, loader, backbone), None
-    settings = {"source": source_settings(cfg, data), "regularizer": type(regularizer).__name__,
-                **regularizer.source_statistics_settings()}
-    if adapters:  # only then: earlier cache keys stay valid
-        settings["adapters"] = adapters
-    shapes = {name: p.shape for name, p in backbone.named_parameters()}
-
-    def compute(folder: Path) -> None:
-        torch.save(regularizer.compute_source_statistics(source_model, loader, backbone), folder / "stats.pt")
-
-    def load(folder: Path):
-        stats = torch.load(folder / "stats.pt", map_location="cpu", weights_only=True)
-        if {k: v.shape for k, v in stats.items()} != shapes:
-            raise ValueError("statistics do not match the backbone's parameter shapes")
-        return stats
-
-    return cache.fetch("source_statistics", settings, compute, load)
 
 
 def format_summary(results: dict) -> str:

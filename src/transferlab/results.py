@@ -1,7 +1,8 @@
 """results.json: the one file a run leaves for reports and sweeps.
 
-{"status": "running"|"completed"|"failed", "error": null|str, "metrics": {...},
- "config": <resolved config>, "provenance": {"git_sha", "git_dirty", "versions", "seed", "wall_time_s"}}
+{"status": "running"|"completed"|"failed"|"interrupted", "error": null|str, "metrics": {...},
+ "task": {"kind", "primary_metric", "majority_test"}, "config": <resolved config>,
+ "provenance": {"git_sha", "git_dirty", "versions", "seed", "wall_time_s", "resumed", "world_size"}}
 
 It is written when the run starts (status running, so a killed run is never taken as completed)
 and rewritten, atomically, when it ends.
@@ -10,22 +11,19 @@ and rewritten, atomically, when it ends.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+from transferlab.files import atomic_write_text
 
 RESULTS_FILE = "results.json"
 PACKAGES = ["transferlab", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "numpy", "scikit-learn"]
 
 
 def write_results(run_dir: Path, results: dict) -> Path:
-    path = Path(run_dir) / RESULTS_FILE
-    tmp = path.with_name(f".{RESULTS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(Path(run_dir) / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_results(run_dir: Path) -> dict:

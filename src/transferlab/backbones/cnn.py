@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
 
-from omegaconf import MISSING
 from torch import nn
 
 from transferlab.backbones.base import Backbone
 from transferlab.errors import ConfigError
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    channels: List[int] = field(default_factory=lambda: [32, 64, 128])
+from transferlab.config import PositiveInt
 
 
 class SmallCNN(Backbone):
-    def __init__(self, input_shape: tuple[int, ...], channels: list[int]):
+    def __init__(self, input_shape: tuple[int, ...], channels: list[PositiveInt]):
         super().__init__()
         if len(input_shape) != 3:
             raise ConfigError(f"backbone=cnn needs image input (C, H, W), got shape {tuple(input_shape)}; use backbone=mlp")

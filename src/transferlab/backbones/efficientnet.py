@@ -14,30 +14,15 @@ channels, resized to `image_size`, and scaled as the weights were trained: (p - 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 from torch import nn
 
 from transferlab.backbones.base import Backbone
 from transferlab.errors import ConfigError, TransferlabError
 
 VISION_EXTRA = "pip install -e '.[vision]'"
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    image_size: int = 32  # the side images are resized to (ImageNet: 224; 32 keeps CPU runs to minutes)
-    pixel_max: float = 1.0  # the data's white level: our loaders scale pixels to [0, 1]
-    drop_connect_rate: float = 0.2  # stochastic depth of the reference model (block i: rate * i / 16)
-    # BatchNorm running-statistics momentum (PyTorch's convention: the new batch's weight). The
-    # reference's 0.01 (TF's 0.99) suits ImageNet's 100k+ steps; a transfer run takes hundreds, and
-    # with 0.01 the eval-mode statistics lag far behind: a scratch run on 500 Fashion-MNIST labels
-    # stayed at chance on validation (0.20 for 10 epochs) while its training loss fell to ~0.1.
-    bn_momentum: float = 0.1
 
 
 def load_pretrained(image_size: int, drop_connect_rate: float) -> nn.Module:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from transferlab.backbones.base import Backbone
@@ -24,17 +22,6 @@ from transferlab.errors import ConfigError, TransferlabError
 
 NLP_EXTRA = "pip install -e '.[nlp]'"
 POOLINGS = ("cls", "mean")
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    name: str = MISSING  # a hub id (e.g. bert-base-uncased, from the local HF cache) or a local folder
-    pooling: str = "mean"  # cls: the first token; mean: average over the attention mask
-    num_layers: Optional[int] = None  # load only the first n layers (None: all); 1 makes tests fast
-    # None: follow HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. True never touches the network, so a
-    # missing model fails at once instead of retrying a download that cannot succeed.
-    local_files_only: Optional[bool] = None
 
 
 def import_transformers(option: str):

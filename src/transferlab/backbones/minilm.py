@@ -3,20 +3,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import MISSING
 
 from transferlab.backbones.hf import NLP_EXTRA, HFEncoder
 from transferlab.errors import TransferlabError
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    pooling: str = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
-    num_layers: Optional[int] = None  # None: all 6; 1 for fast tests
 
 
 def minilm_path() -> str:

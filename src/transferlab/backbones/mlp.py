@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List
 
-from omegaconf import MISSING
 from torch import nn
 
 from transferlab.backbones.base import Backbone
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    hidden: List[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
+from transferlab.config import PositiveInt, Probability
 
 
 class MLP(Backbone):
-    def __init__(self, input_shape: tuple[int, ...], hidden: list[int], dropout: float = 0.0):
+    def __init__(self, input_shape: tuple[int, ...], hidden: list[PositiveInt], dropout: Probability = 0.0):
         super().__init__()
         width = math.prod(input_shape)
         blocks = []

@@ -18,13 +18,18 @@ EVAL_BATCH = 256  # batches for passes without gradients (validation, test, the 
 
 
 class TensorBatches(Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
+    """`with_index`: batches are (x, y, positions) — what a method's precomputed per-example
+    statistics (LwF's teacher logits) are indexed by; else (x, y)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, with_index: bool = False):
+        self.x, self.y, self.with_index = x, y, with_index
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, index):  # index: a list of positions (one whole batch)
+        if self.with_index:
+            return self.x[index], self.y[index], torch.as_tensor(index, dtype=torch.long)
         return self.x[index], self.y[index]
 
 
@@ -76,8 +81,8 @@ class EpochBatches(Sampler):
 
 
 def make_loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, *, shuffle: bool, seed: int = 0,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    dataset = TensorBatches(*split)
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False, with_index: bool = False) -> DataLoader:
+    dataset = TensorBatches(*split, with_index=with_index)
     batches = EpochBatches(len(dataset), batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     # Its own generator: creating an iterator draws a base seed from it, which would otherwise
     # come from the global RNG and shift dropout's random numbers by a draw per epoch and per

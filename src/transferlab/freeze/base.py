@@ -1,16 +1,15 @@
-"""The freeze-policy interface and the Lightning hooks that carry it out."""
+"""The freeze-policy interface (a `Method`, method.py) and the Lightning hooks that carry it out."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 
 from transferlab.errors import ConfigError
+from transferlab.method import Method
 
 
-class FreezePolicy(pl.Callback):
+class FreezePolicy(Method):
     """Subclasses say which blocks are frozen in an epoch; this class applies it."""
-
-    active = True  # False: never freezes anything, so the stage leaves it out of the callbacks
 
     def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
         raise NotImplementedError

@@ -9,18 +9,11 @@ parameters that ever get a gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytorch_lightning as pl
-from omegaconf import MISSING
 from torch import nn
 
 from transferlab.freeze.base import FreezePolicy
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
 
 
 def is_bias(name: str) -> bool:

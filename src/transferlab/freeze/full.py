@@ -1,15 +1,7 @@
 """Full fine-tuning: every block trains."""
 
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from transferlab.freeze.base import FreezePolicy
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
 
 
 class FullFinetune(FreezePolicy):

@@ -10,21 +10,15 @@ Carried out by the base class's masking: blocks frozen in every epoch get requir
 the others have their gradients dropped while frozen; param groups never change.
 """
 
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from transferlab.freeze.base import FreezePolicy
+from typing import Annotated
 
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    lr_factor: float = 2.6  # ULMFiT's lr_{l-1} = lr_l / 2.6
+from transferlab.config import Bounds
 
 
 class GradualUnfreeze(FreezePolicy):
-    def __init__(self, lr_factor: float):
+    def __init__(self, lr_factor: Annotated[float, Bounds(ge=1)]):
         self.lr_factor = lr_factor
 
     def check(self, num_blocks: int, epochs: int) -> None:

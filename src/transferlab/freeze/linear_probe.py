@@ -1,15 +1,7 @@
 """Linear probe: the backbone is a fixed feature extractor; only the head trains."""
 
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from transferlab.freeze.base import FreezePolicy
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
 
 
 class LinearProbe(FreezePolicy):

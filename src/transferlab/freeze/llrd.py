@@ -7,21 +7,15 @@ least. With the head at depth max_depth = num_blocks and block i at depth i:
 Carried out through `lr_scales`: the fixed per-block param groups get these rates.
 """
 
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from transferlab.freeze.base import FreezePolicy
+from typing import Annotated
 
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    decay: float = 0.8  # ELECTRA's default; ULMFiT's 1/2.6 ≈ 0.38 is much steeper
+from transferlab.config import Bounds
 
 
 class LayerwiseLRDecay(FreezePolicy):
-    def __init__(self, decay: float):
+    def __init__(self, decay: Annotated[float, Bounds(gt=0, le=1)]):
         self.decay = decay
 
     def check(self, num_blocks: int, epochs: int) -> None:

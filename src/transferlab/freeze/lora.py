@@ -16,27 +16,16 @@ weights in those groups have requires_grad=False, never get a gradient, and Adam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from transferlab.errors import ConfigError, TransferlabError
 from transferlab.freeze.base import FreezePolicy
+from transferlab.config import Positive, PositiveInt, Probability
 
 ADAPTER_PREFIX = "lora_"  # peft names adapter parameters ...lora_A.default.weight / lora_B...
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    r: int = 8
-    alpha: float = 16.0  # scaling alpha / r = 2
-    dropout: float = 0.1  # on the adapter's input only
-    target_modules: List[str] = field(default_factory=lambda: ["query", "value"])
 
 
 def is_adapter(name: str) -> bool:
@@ -50,7 +39,7 @@ def targets(backbone: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]
 
 
 class LoRA(FreezePolicy):
-    def __init__(self, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    def __init__(self, r: PositiveInt, alpha: Positive, dropout: Probability, target_modules: list[str]):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = list(target_modules)
 

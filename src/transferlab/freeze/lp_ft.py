@@ -1,20 +1,12 @@
 """LP-FT (Kumar et al., ICLR 2022): linear probe for `probe_epochs`, then fine-tune everything."""
 
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from transferlab.freeze.base import FreezePolicy
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    probe_epochs: int = 2
+from transferlab.config import PositiveInt
 
 
 class LinearProbeThenFinetune(FreezePolicy):
-    def __init__(self, probe_epochs: int):
+    def __init__(self, probe_epochs: PositiveInt):
         self.probe_epochs = probe_epochs
 
     def check(self, num_blocks: int, epochs: int) -> None:

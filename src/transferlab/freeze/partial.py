@@ -1,20 +1,12 @@
 """Partial fine-tuning: the first k blocks (closest to the input) stay frozen."""
 
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from transferlab.freeze.base import FreezePolicy
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    k: int = 1
+from transferlab.config import NonNegativeInt
 
 
 class PartialFreeze(FreezePolicy):
-    def __init__(self, k: int):
+    def __init__(self, k: NonNegativeInt):
         self.k = k
 
     def check(self, num_blocks: int, epochs: int) -> None:

@@ -1,75 +1,63 @@
 """EWC (Kirkpatrick et al., 2017): lambda/2 * sum_i F_i (w_i - w*_i)^2 over the shared backbone.
 
 w* are the source weights and F the diagonal Fisher there, both taken once after the source
-stage (`prepare_from_source`), from per-sample gradients (see fisher.py).
+stage (the method statistics, cached), from per-sample gradients (see fisher.py).
 """
 
-from dataclasses import dataclass
-from enum import Enum
+from typing import Literal
 
 import torch
-from omegaconf import MISSING
+
+from transferlab.config import NonNegative, NonNegativeInt
 
 from transferlab.errors import ConfigError
+from transferlab.method import SOURCE_DATA, SOURCE_MODEL, MethodContext
 from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
 from transferlab.regularizers.fisher import diagonal_fisher, normalize_fisher
 
 
-class FisherNormalization(Enum):
-    none = "none"
-    max = "max"
-    mean = "mean"
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    lam: float = 100.0
-    fisher: bool = False  # False: empirical Fisher (data labels); True: labels sampled from the model
-    normalize: FisherNormalization = FisherNormalization.none
-    seed: int = 0  # for sampled labels
-
-
 class EWC(Regularizer):
-    needs_source = True
+    statistics_inputs = (SOURCE_MODEL, SOURCE_DATA)
     state_attributes = ("anchors", "fisher")
 
-    def __init__(self, lam: float, fisher: bool = False, normalize="none", seed: int = 0):
+    def __init__(self, lam: NonNegative, fisher: bool = False, normalize: Literal["none", "max", "mean"] = "none",
+                 seed: NonNegativeInt = 0):
         self.lam, self.sample_labels, self.seed = lam, fisher, seed
-        self.normalize = getattr(normalize, "value", normalize)
+        self.normalize = normalize
         self.fisher: list[torch.Tensor] | None = None
 
-    def source_statistics_settings(self) -> dict:
+    def statistics_settings(self) -> dict:
         return {"fisher": "true" if self.sample_labels else "empirical", "seed": self.seed if self.sample_labels else None}
 
-    def compute_source_statistics(self, model, loader, backbone) -> dict[str, torch.Tensor]:
-        """The raw diagonal Fisher of the source loss, for each backbone parameter by name."""
+    def compute_statistics(self, ctx: MethodContext) -> dict[str, torch.Tensor]:
+        """The raw diagonal Fisher of the source loss at the source weights, for each backbone
+        parameter by name."""
+        model, backbone = ctx.source_model, ctx.backbone
         in_model = {id(p): name for name, p in model.named_parameters()}
         shared = {in_model[id(p)]: p for p in backbone.parameters()}
-        fisher = diagonal_fisher(model, shared, loader, sample_labels=self.sample_labels, seed=self.seed)
+        fisher = diagonal_fisher(model, shared, ctx.source_loader(), sample_labels=self.sample_labels, seed=self.seed)
         to_backbone = {in_model[id(p)]: name for name, p in backbone.named_parameters()}
         return {to_backbone[name]: f for name, f in fisher.items()}
 
-    def set_source_statistics(self, stats, backbone) -> None:
+    def use_statistics(self, stats, ctx: MethodContext) -> None:
         """`stats` may live anywhere (the cache loads them on the CPU): they are moved to the
         parameters' device and dtype, here and again in `attach` (Lightning moves the backbone
-        to the accelerator between the two)."""
-        named = dict(backbone.named_parameters())
+        to the accelerator between the two). The backbone holds the source weights: the anchors."""
+        named = dict(ctx.backbone.named_parameters())
         if set(stats) != set(named) or any(stats[n].shape != p.shape for n, p in named.items()):
             raise ValueError("EWC: the Fisher does not match the backbone's parameters")
         fisher = normalize_fisher(stats, self.normalize)
         self.fisher = [fisher[name].to(p) for name, p in named.items()]
         self.anchors = [p.detach().clone() for p in named.values()]
 
-    def attach(self, backbone, head) -> None:
+    def attach(self, ctx: MethodContext) -> None:
         if self.fisher is None:
             raise ConfigError("regularizer=ewc needs a source stage to estimate its Fisher: "
                               "use source=train or source=checkpoint")
-        self.shared = list(backbone.parameters())
+        self.shared = list(ctx.backbone.parameters())
         # No copy when they are there already (.to returns the tensor itself).
         self.fisher = [f.to(p) for f, p in zip(self.fisher, self.shared)]
         self.anchors = [a.to(p) for a, p in zip(self.anchors, self.shared)]
-
     def add_penalty_grad_(self) -> None:
         grads, params, anchors, fisher = with_grads(self.shared, self.anchors, self.fisher)
         if grads:

@@ -20,8 +20,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from transferlab.distributed import several_ranks, sum_across_ranks
-from transferlab.stages.evaluate import evaluating, to_device
+from transferlab.collectives import several_ranks, sum_across_ranks
+from transferlab.tasks import evaluating, to_device
 
 
 # Per-sample gradients hold samples x parameters numbers: a 256-example batch through MiniLM's
@@ -49,7 +49,7 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     # the parameters it does not differentiate (the head) into the result.
     with evaluating(model) as device, torch.no_grad():  # CPU batches go to the model's device
         for batch in batches:
-            x, y = to_device(batch, device)
+            x, y = to_device(batch, device)[:2]
             if sample_labels:
                 probs = F.softmax(model(x), dim=-1)
                 y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)

@@ -1,25 +1,19 @@
 """L2 toward zero (weight decay as a penalty): alpha/2 * sum ||w||^2 over everything that trains."""
 
-from dataclasses import dataclass
 
 import torch
-from omegaconf import MISSING
 
+from transferlab.method import MethodContext
 from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    alpha: float = 0.01
+from transferlab.config import NonNegative
 
 
 class L2(Regularizer):
-    def __init__(self, alpha: float):
+    def __init__(self, alpha: NonNegative):
         self.alpha = alpha
 
-    def attach(self, backbone, head) -> None:
-        self.params = [*backbone.parameters(), *head.parameters()]
+    def attach(self, ctx: MethodContext) -> None:
+        self.params = [*ctx.backbone.parameters(), *ctx.head.parameters()]
 
     def add_penalty_grad_(self) -> None:
         grads, params = with_grads(self.params)

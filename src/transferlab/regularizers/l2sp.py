@@ -7,31 +7,24 @@ source solution, or the pretrained / random init); w_head: the new target head, 
 The paper's code uses alpha=0.1, beta=0.01; TLlib uses 0.01 for both.
 """
 
-from dataclasses import dataclass
 
 import torch
-from omegaconf import MISSING
 
+from transferlab.method import MethodContext
 from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
-
-
-@dataclass
-class Config:
-    _target_: str = MISSING
-    alpha: float = 0.1
-    beta: float = 0.01
+from transferlab.config import NonNegative
 
 
 class L2SP(Regularizer):
     state_attributes = ("anchors",)
 
-    def __init__(self, alpha: float, beta: float):
+    def __init__(self, alpha: NonNegative, beta: NonNegative):
         self.alpha, self.beta = alpha, beta
 
-    def attach(self, backbone, head) -> None:
-        self.shared = list(backbone.parameters())
+    def attach(self, ctx: MethodContext) -> None:
+        self.shared = list(ctx.backbone.parameters())
         self.anchors = [p.detach().clone() for p in self.shared]
-        self.head = list(head.parameters())
+        self.head = list(ctx.head.parameters())
 
     def add_penalty_grad_(self) -> None:
         grads, params, anchors = with_grads(self.shared, self.anchors)

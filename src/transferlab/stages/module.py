@@ -1,53 +1,54 @@
-"""The LightningModule both stages use: a backbone (shared between stages) and a task head."""
+"""The LightningModule both stages use: a backbone (shared between stages), a task head, the
+task that judges it (tasks.py), and — in the target stage — the methods' loss terms and modules."""
 
 from __future__ import annotations
 
+import functools
+
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from transferlab.distributed import gather_lists, sum_across_ranks
+from transferlab.collectives import sum_across_ranks
 from transferlab.errors import NonFiniteLossError
-from transferlab.stages.evaluate import entity_scores, tag_sequences, to_device
-
-
-def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Per-step metrics straight to the loggers. `self.log` costs ~0.4-1 ms a call on CPU (its
-    result-collection bookkeeping), a fifth of a small model's step; per-epoch metrics that
-    callbacks read (val_acc for selection, early stopping) still go through `self.log`."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+from transferlab.method import MethodContext, Step, log_to_loggers
+from transferlab.tasks import IGNORE, Classification, Task, to_device
 
 
 class TaskModule(pl.LightningModule):
-    """`task` ("source" / "target") prefixes every logged metric."""
+    """`stage` ("source" / "target") prefixes every logged metric.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, *, task: str, lr: float,
-                 weight_decay: float = 0.0, lr_scales: list[float] | None = None,
-                 label_names: list[str] | None = None):
+    `optimizer(groups, lr=, weight_decay=)` and `scheduler(optimizer, total_steps=)` are Hydra
+    partials (conf/optimizer, conf/scheduler); None: AdamW at a constant rate. `methods`: the
+    target stage's methods; those with a loss term add it in `training_step`, and the modules
+    they ask for (`Method.modules`) train with the head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, stage: str, lr: float, task: Task | None = None,
+                 weight_decay: float = 0.0, lr_scales: list[float] | None = None, optimizer=None, scheduler=None,
+                 methods=(), context: MethodContext | None = None):
         super().__init__()
-        self.backbone, self.head, self.task = backbone, head, task
-        # label_names given: token classification (NER): the head reads every token's features,
-        # the loss skips IGNORE (-100) positions, validation scores entities (seqeval F1).
-        self.label_names = label_names
-        self.token_level = label_names is not None
-        self._val_true: list = []
-        self._val_pred: list = []
+        self.backbone, self.head, self.stage = backbone, head, stage
+        self.task = task if task is not None else Classification(head.out_features)
         self.lr, self.weight_decay = lr, weight_decay
         self.lr_scales = lr_scales or [1.0] * len(backbone.blocks)
+        self.make_optimizer = optimizer or functools.partial(torch.optim.AdamW)
+        self.make_scheduler = scheduler
+        self.context = context if context is not None else MethodContext(backbone=backbone, head=head, task=self.task)
+        self.loss_methods = [m for m in methods if m.has_loss_term]
+        extra = {name: module for m in methods for name, module in m.modules(self.context).items()}
+        self.method_modules = nn.ModuleDict(extra)
         self.frozen_blocks: set[int] = set()
-        self._val_correct = self._val_loss = self._val_count = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.token_level:
-            return self.head(self.backbone.token_features(x))  # (N, L, num_tags)
-        return self.head(self.backbone(x))
+    @property
+    def token_level(self) -> bool:
+        return self.task.token_level
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        # Token level: (N, L, C) → (N·L, C); positions labelled -100 (sub-tokens after the first,
-        # special tokens, padding) are F.cross_entropy's ignore_index.
-        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100, reduction=reduction)
+    def features(self, x) -> torch.Tensor:
+        # Token classification (NER): every token's features, (N, L, d); else pooled, (N, d).
+        return self.backbone.token_features(x) if self.token_level else self.backbone(x)
+
+    def forward(self, x) -> torch.Tensor:
+        return self.head(self.features(x))
 
     # -- frozen blocks behave as fixed feature extractors (BatchNorm keeps its statistics) -----
     def set_frozen_blocks(self, frozen: set[int]) -> None:
@@ -63,19 +64,29 @@ class TaskModule(pl.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        # Our batches are (x, y): x a tensor (images) or a dict of tensors (tokenized text).
+        # Our batches are tuples: x a tensor (images) or a dict of tensors (tokenized text).
         # Moving them directly skips Lightning's generic walk over the collection.
         return to_device(batch, device)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = self.loss(self(x), y)
+        x, y, *rest = batch  # the stages' loaders add the examples' positions in the training split
+        index = rest[0] if rest else None
+        features = self.features(x)
+        logits = self.head(features)
+        loss = self.task.loss(logits, y)
+        terms = {}
+        if self.loss_methods:
+            step = Step(x, y, index, features, logits, self)
+            terms = {m.name: m.loss_term(step) for m in self.loss_methods}
+            loss = loss + sum(terms.values())
         self._last_loss = loss.detach()
         # Checked (a host sync) on logging steps and at epoch end only: a NaN loss poisons the
         # weights, so every later loss is NaN too and is caught at the next check.
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.check_finite(self._last_loss)
-            log_to_loggers(self.trainer, {f"{self.task}/train_loss": float(self._last_loss)}, self.global_step)
+            logged = {f"{self.stage}/train_loss": float(self._last_loss)}
+            logged.update({f"{self.stage}/{name}_loss": float(term.detach()) for name, term in terms.items()})
+            log_to_loggers(self.trainer, logged, self.global_step)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -84,45 +95,44 @@ class TaskModule(pl.LightningModule):
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"{self.task} stage: training loss became {loss.item()} at epoch {self.current_epoch}, "
-                f"step {self.global_step}; lower {self.task}.lr or check the data"
+                f"{self.stage} stage: training loss became {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step}; lower {self.stage}.lr or check the data"
             )
 
+    def on_validation_epoch_start(self) -> None:
+        self._tally, self._val_loss, self._val_count = self.task.new_tally(), 0.0, 0
+
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[:2]
         logits = self(x)
-        self._val_loss += self.loss(logits, y, reduction="sum")
-        if self.token_level:
-            true_tags, pred_tags = tag_sequences(logits, y, self.label_names)
-            self._val_true += true_tags
-            self._val_pred += pred_tags
-            self._val_count += int((y != -100).sum())
-            return
-        self._val_correct += (logits.argmax(-1) == y).sum()
-        self._val_count += len(y)
+        self._val_loss += self.task.loss(logits, y, reduction="sum")
+        self._val_count += int((y != IGNORE).sum()) if self.token_level else len(y)
+        self._tally = self.task.add(self._tally, logits, y)
 
     def on_validation_epoch_end(self) -> None:
-        # Under DDP each rank validated its share: sum the counts (and gather the tag
-        # sequences), so every rank logs the metric of the whole validation set.
-        correct, loss, count = sum_across_ranks([float(self._val_correct), float(self._val_loss), self._val_count])
-        count = max(count, 1)
-        if self.token_level:  # selection on entity F1, the metric NER is judged by
-            scores = entity_scores(gather_lists(self._val_true), gather_lists(self._val_pred))
-            self.log(f"{self.task}/val_f1", scores["f1"])
-            self.log(f"{self.task}/val_acc", scores["acc"])
-            self._val_true, self._val_pred = [], []
-        else:
-            self.log(f"{self.task}/val_acc", correct / count)
-        self.log(f"{self.task}/val_loss", loss / count)
-        self._val_correct = self._val_loss = self._val_count = 0
+        # Under DDP each rank validated its share: the task sums (or gathers) across ranks, so
+        # every rank logs the metrics of the whole validation set.
+        scores = self.task.scores(self._tally)
+        loss, count = sum_across_ranks([float(self._val_loss), self._val_count])
+        for name, value in scores.items():
+            self.log(f"{self.stage}/val_{name}", value)
+        self.log(f"{self.stage}/val_loss", loss / max(count, 1))
 
     def configure_optimizers(self):
-        # One fixed param group per block (+ the head): freeze policies and per-block learning
-        # rates work on groups that never change, which keeps resume and DDP correct.
+        # One fixed param group per block (+ the head, + the methods' modules): freeze policies and
+        # per-block learning rates work on groups that never change, which keeps resume and DDP
+        # correct. A schedule multiplies every group's rate by the same factor per step.
         groups = [
             {"params": list(block.parameters()), "lr": self.lr * scale, "name": f"block{i}"}
             for i, (block, scale) in enumerate(zip(self.backbone.blocks, self.lr_scales))
             if any(True for _ in block.parameters())
         ]
         groups.append({"params": list(self.head.parameters()), "lr": self.lr, "name": "head"})
-        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        if len(self.method_modules):
+            groups.append({"params": list(self.method_modules.parameters()), "lr": self.lr, "name": "methods"})
+        optimizer = self.make_optimizer(groups, lr=self.lr, weight_decay=self.weight_decay)
+        schedule = self.make_scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches) \
+            if self.make_scheduler is not None else None
+        if schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

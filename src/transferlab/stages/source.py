@@ -1,100 +1,49 @@
 """Source stage: train backbone + source head on the source task, or load a saved one.
 
 Either way it returns a TaskModule whose backbone is *the* backbone object the target stage
-will fine-tune, so the source head can measure forgetting afterwards.
+will fine-tune, so the source head can measure forgetting afterwards. Where a finished source
+stage is kept and found again (the run dir, the stage cache) is `stage_store.py`'s business.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from transferlab.cache import StageCache
-
+from transferlab.collectives import is_global_zero
 from transferlab.data import TransferData
-from transferlab.distributed import is_global_zero
 from transferlab.errors import TransferlabError
+from transferlab.files import atomic_torch_save
 from transferlab.heads import classification_head
 from transferlab.stages.callbacks import KeepBestWeights
 from transferlab.stages.module import TaskModule
-from transferlab.stages.checkpointing import stage_checkpoint_path
 from transferlab.stages.trainer import fit_stage
+from transferlab.tasks import Classification
 
 CHECKPOINT_FORMAT = "transferlab-source-v1"
 
 
+def source_module(cfg, backbone, head) -> TaskModule:
+    return TaskModule(backbone, head, stage="source", task=Classification(head.out_features), lr=cfg.source.lr,
+                      weight_decay=cfg.source.weight_decay, optimizer=instantiate(cfg.source.optimizer),
+                      scheduler=instantiate(cfg.source.scheduler))
+
+
 def train_source(cfg, data: TransferData, backbone, run_dir: Path) -> tuple[TaskModule, dict]:
     task = data.source
-    head = classification_head(backbone.feature_dim, task.num_classes)
-    module = TaskModule(backbone, head, task="source", lr=cfg.source.lr, weight_decay=cfg.source.weight_decay)
+    module = source_module(cfg, backbone, classification_head(backbone.feature_dim, task.num_classes))
     best = KeepBestWeights("source/val_acc")
     fit_stage(cfg, module, task, stage="source", epochs=cfg.source.epochs, batch_size=cfg.source.batch_size,
               seed=cfg.seed, callbacks=[best], run_dir=run_dir)
     return module, {"source/val_acc": best.best_score, "source/best_epoch": best.best_epoch}
 
 
-def source_settings(cfg, data: TransferData) -> dict:
-    """Exactly what determines the source stage's result: its cache key. No target settings."""
-    d = cfg.data
-    settings = {
-        "stage": "source",
-        # the pool the source task is cut from (data.source_dataset when set): keys of runs
-        # without one are unchanged
-        "dataset": OmegaConf.to_container(d.dataset if d.source_dataset is None else d.source_dataset, resolve=True),
-        "source_classes": list(d.source_classes),
-        "val_fraction": d.val_fraction,
-        "test_fraction": d.test_fraction,
-        "source_train_size": d.source_train_size,
-        "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        "source": {k: cfg.source[k] for k in ("epochs", "lr", "weight_decay", "batch_size")},
-        "seed": cfg.seed,
-        "trainer": {k: cfg.trainer[k] for k in ("precision", "deterministic", "gradient_clip_val")},
-    }
-    if data.is_text or d.source_domains:  # only then: earlier cache keys stay valid
-        settings.update(source_domains=list(d.source_domains), max_length=d.max_length)
-    return settings
-
-
-def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: StageCache | None
-                  ) -> tuple[TaskModule, dict]:
-    """Train the source stage, or take it from the cache; either way the run dir gets its copy.
-    A resumed run whose source stage had finished takes that copy back."""
-    run_checkpoint = run_dir / "checkpoints" / "source.pt"
-    if run_checkpoint.is_file():
-        module, info = load_source_file(run_checkpoint, str(run_checkpoint), cfg, data, backbone)
-        return module, {**info, "cache/source_hit": None}
-    if cache is None:
-        module, info = train_source(cfg, data, backbone, run_dir)
-        save_source_checkpoint(run_checkpoint, module, cfg, data, info)
-        stage_checkpoint_path(run_dir, "source").unlink(missing_ok=True)  # superseded by source.pt
-        return module, {**info, "cache/source_hit": None}
-
-    def compute(folder: Path) -> None:
-        module, info = train_source(cfg, data, backbone, run_dir)
-        save_source_checkpoint(folder / "source.pt", module, cfg, data, info)
-        (folder / "info.json").write_text(json.dumps(info))
-
-    def load(folder: Path):
-        module, _ = load_source_file(folder / "source.pt", f"cache entry {folder}", cfg, data, backbone)
-        return module, json.loads((folder / "info.json").read_text()), folder / "source.pt"
-
-    (module, info, cached_file), hit = cache.fetch("source", source_settings(cfg, data), compute, load)
-    if is_global_zero():
-        run_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached_file, run_checkpoint)
-        stage_checkpoint_path(run_dir, "source").unlink(missing_ok=True)  # superseded by source.pt
-    return module, {**info, "cache/source_hit": hit}
-
-
 def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferData, info: dict) -> None:
     if not is_global_zero():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "backbone": module.backbone.state_dict(),
@@ -105,9 +54,7 @@ def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferDa
         "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
         "info": info,  # the source stage's validation metrics, for a resumed run
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a reader never sees half a checkpoint
+    atomic_torch_save(payload, path)
 
 
 def load_source_checkpoint(cfg, data: TransferData, backbone) -> tuple[TaskModule, dict]:
@@ -152,4 +99,4 @@ def load_source_file(path: Path, where: str, cfg, data: TransferData, backbone) 
                                    f"{payload['backbone_config']}")
     backbone.load_state_dict(payload["backbone"])
     head.load_state_dict(payload["head"])
-    return TaskModule(backbone, head, task="source", lr=cfg.source.lr), payload.get("info", {})
+    return source_module(cfg, backbone, head), payload.get("info", {})

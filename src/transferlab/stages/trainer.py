@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from transferlab.data.loaders import EVAL_BATCH, make_loader
-from transferlab.distributed import is_global_zero, rank_and_world_size, uses_cuda
+from transferlab.collectives import is_global_zero, rank_and_world_size, uses_cuda
 from transferlab.errors import Preempted
 from transferlab.stages.checkpointing import StageCheckpoint, fitting, stage_checkpoint_path
 
@@ -115,7 +115,7 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
     checkpoint when an interrupted run left one; the W&B runs are closed with the right exit code."""
     rank, world_size = rank_and_world_size()
     train = make_loader(task.train, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
-                        pin_memory=cfg.trainer.pin_memory)
+                        pin_memory=cfg.trainer.pin_memory, with_index=True)
     val = make_loader(task.val, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size,
                       pin_memory=cfg.trainer.pin_memory)
     checkpoint = StageCheckpoint(stage_checkpoint_path(run_dir, stage), stage, train.sampler,

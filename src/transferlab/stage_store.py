@@ -1,0 +1,163 @@
+"""Where a stage's result is kept and found again — one place for every stage:
+
+- the run dir (`checkpoints/source.pt`, `target.pt`): a resumed run takes finished stages back;
+- the stage cache (`cache.py`): every job of a sweep with the same key reuses the source stage
+  and the methods' statistics (EWC's Fisher, LwF's teacher logits) instead of recomputing them;
+- a user's file (`source=checkpoint source.path=...`).
+
+Cache keys hold exactly what determines a result: `source_settings` (never target settings) for
+the source stage; for a method's statistics, the method's class and `statistics_settings()`
+plus the settings of the inputs it declares (`Method.statistics_inputs`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from transferlab.cache import StageCache
+from transferlab.collectives import is_global_zero
+from transferlab.data import TransferData
+from transferlab.files import atomic_torch_save
+from transferlab.heads import classification_head
+from transferlab.method import SOURCE_DATA, SOURCE_MODEL, TARGET_DATA, Method, MethodContext
+from transferlab.stages.checkpointing import stage_checkpoint_path
+from transferlab.stages.module import TaskModule
+from transferlab.stages.source import load_source_file, save_source_checkpoint, train_source
+from transferlab.stages.target import target_module, train_target
+
+# The recipe every run used before optimizers and schedules were config groups: left out of the
+# cache keys (and matched by recorded configs that lack it), so earlier entries and runs stay valid.
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
+DEFAULT_SCHEDULER = {"_target_": "transferlab.optim.constant", "_partial_": True, "warmup_steps": 0, "warmup_ratio": 0.0}
+
+
+def recipe_settings(stage_cfg) -> dict:
+    """The stage's optimizer and schedule, when they are not the default recipe."""
+    optimizer = OmegaConf.to_container(stage_cfg.optimizer, resolve=True)
+    scheduler = OmegaConf.to_container(stage_cfg.scheduler, resolve=True)
+    if optimizer == DEFAULT_OPTIMIZER and scheduler == DEFAULT_SCHEDULER:
+        return {}
+    return {"optimizer": optimizer, "scheduler": scheduler}
+
+
+def source_settings(cfg, data: TransferData) -> dict:
+    """Exactly what determines the source stage's result: its cache key. No target settings."""
+    d = cfg.data
+    settings = {
+        "stage": "source",
+        # the pool the source task is cut from (data.source_dataset when set): keys of runs
+        # without one are unchanged
+        "dataset": OmegaConf.to_container(d.dataset if d.source_dataset is None else d.source_dataset, resolve=True),
+        "source_classes": list(d.source_classes),
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "source_train_size": d.source_train_size,
+        "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "source": {k: cfg.source[k] for k in ("epochs", "lr", "weight_decay", "batch_size")},
+        "seed": cfg.seed,
+        "trainer": {k: cfg.trainer[k] for k in ("precision", "deterministic", "gradient_clip_val")},
+    }
+    settings["source"].update(recipe_settings(cfg.source))
+    if data.is_text or d.source_domains:  # only then: earlier cache keys stay valid
+        settings.update(source_domains=list(d.source_domains), max_length=d.max_length)
+    return settings
+
+
+def target_data_settings(cfg, data: TransferData) -> dict:
+    """What determines the target split's examples and their order (and, with the backbone in
+    the source settings, their tokens)."""
+    d = cfg.data
+    return {"dataset": OmegaConf.to_container(d.dataset, resolve=True), "target_classes": list(d.target_classes),
+            "target_domains": list(d.target_domains), "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction, "target_train_size": d.target_train_size,
+            "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
+            "max_length": d.max_length if data.is_text else None}
+
+
+# -- the source stage -----------------------------------------------------------------------------
+def obtain_source(cfg, data: TransferData, backbone, run_dir: Path, cache: StageCache | None
+                  ) -> tuple[TaskModule, dict]:
+    """Train the source stage, or take it from the cache; either way the run dir gets its copy.
+    A resumed run whose source stage had finished takes that copy back."""
+    run_checkpoint = run_dir / "checkpoints" / "source.pt"
+    if run_checkpoint.is_file():
+        module, info = load_source_file(run_checkpoint, str(run_checkpoint), cfg, data, backbone)
+        return module, {**info, "cache/source_hit": None}
+    if cache is None:
+        module, info = train_source(cfg, data, backbone, run_dir)
+        save_source_checkpoint(run_checkpoint, module, cfg, data, info)
+        stage_checkpoint_path(run_dir, "source").unlink(missing_ok=True)  # superseded by source.pt
+        return module, {**info, "cache/source_hit": None}
+
+    def compute(folder: Path) -> None:
+        module, info = train_source(cfg, data, backbone, run_dir)
+        save_source_checkpoint(folder / "source.pt", module, cfg, data, info)
+        (folder / "info.json").write_text(json.dumps(info))
+
+    def load(folder: Path):
+        module, _ = load_source_file(folder / "source.pt", f"cache entry {folder}", cfg, data, backbone)
+        return module, json.loads((folder / "info.json").read_text()), folder / "source.pt"
+
+    (module, info, cached_file), hit = cache.fetch("source", source_settings(cfg, data), compute, load)
+    if is_global_zero():
+        run_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached_file, run_checkpoint)
+        stage_checkpoint_path(run_dir, "source").unlink(missing_ok=True)  # superseded by source.pt
+    return module, {**info, "cache/source_hit": hit}
+
+
+# -- a method's statistics, for every method alike ----------------------------------------------
+def method_statistics(cfg, data: TransferData, method: Method, ctx: MethodContext, cache: StageCache | None,
+                      adapters: dict | None = None) -> bool | None:
+    """Compute (or load) `method`'s statistics and hand them to it; returns the cache hit
+    (None: not cached). `adapters`: what the freeze policy injected before them (LoRA)."""
+    if cache is None:
+        method.use_statistics(method.compute_statistics(ctx), ctx)
+        return None
+    inputs = set(method.statistics_inputs)
+    settings = {"method": type(method).__name__, **method.statistics_settings()}
+    if inputs & {SOURCE_MODEL, SOURCE_DATA}:
+        settings["source"] = source_settings(cfg, data)
+    if TARGET_DATA in inputs:
+        settings["target_data"] = target_data_settings(cfg, data)
+    if adapters:  # only then: earlier cache keys stay valid
+        settings["adapters"] = adapters
+
+    def compute(folder: Path) -> None:
+        torch.save(method.compute_statistics(ctx), folder / "stats.pt")
+
+    def load(folder: Path) -> bool:
+        method.use_statistics(torch.load(folder / "stats.pt", map_location="cpu", weights_only=True), ctx)
+        return True
+
+    return cache.fetch("method_statistics", settings, compute, load)[1]
+
+
+# -- the target stage -----------------------------------------------------------------------------
+def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_dir: Path, context: MethodContext
+                  ) -> tuple[TaskModule, dict]:
+    """Train the target stage; a resumed run whose target stage had finished takes its kept
+    weights (backbone, head, the methods' modules) and metrics back from target.pt."""
+    path = run_dir / "checkpoints" / "target.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        context.head = classification_head(backbone.feature_dim, data.target.num_classes)
+        module = target_module(cfg, backbone, context.head, context, [freeze, regularizer],
+                               freeze.lr_scales(len(backbone.blocks)))
+        backbone.load_state_dict(saved["backbone"])
+        context.head.load_state_dict(saved["head"])
+        module.method_modules.load_state_dict(saved.get("methods", {}))
+        return module, saved["info"]
+    module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context)
+    if is_global_zero():
+        atomic_torch_save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
+                           "methods": module.method_modules.state_dict(),
+                           "target_classes": list(data.target.classes), "info": info}, path)
+        stage_checkpoint_path(run_dir, "target").unlink(missing_ok=True)  # superseded by target.pt
+    return module, info
