@@ -65,6 +65,7 @@ from transferlab.config import register_schemas  # noqa: E402
 from transferlab.data.splits import TaskSplits, TransferData  # noqa: E402
 from transferlab.data.text import Tokens  # noqa: E402
 from transferlab.heads import classification_head  # noqa: E402
+from transferlab.method import MethodContext  # noqa: E402
 from transferlab.stages.trainer import make_trainer  # noqa: E402
 
 T_IMPORTS = time.perf_counter()
@@ -187,7 +188,8 @@ def run_transferlab(env: Env, cfg, backbone: HFEncoder, data: TransferData, regu
     if regularizer_name == "ewc":
         # What the stage cache hands over: CPU tensors keyed by backbone parameter name.
         backbone.cpu()
-        regularizer.set_source_statistics({n: torch.ones_like(p) for n, p in backbone.named_parameters()}, backbone)
+        regularizer.use_statistics({n: torch.ones_like(p) for n, p in backbone.named_parameters()},
+                                   MethodContext(backbone=backbone))
     timer = WindowTimer(env, warmup, warmup + steps - 1)
 
     def timed_make_trainer(cfg, *, callbacks, **kwargs):

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from transferlab.errors import ConfigError
+
 
 def several_ranks() -> bool:
     """Whether this process is one of several joined in a process group."""
@@ -22,6 +24,13 @@ def uses_cuda(trainer_cfg) -> bool:
     """Whether the trainer runs on CUDA GPUs (accelerator gpu/cuda, or auto with one visible)."""
     accelerator = trainer_cfg.accelerator
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_devices(trainer_cfg) -> None:
+    """A GPU accelerator needs a visible CUDA device (config.validate cannot ask: it imports no torch)."""
+    if trainer_cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={trainer_cfg.accelerator}: no CUDA GPU is visible here; "
+                          "use trainer=cpu (or trainer=ddp_cpu)")
 
 
 def rank_and_world_size() -> tuple[int, int]:

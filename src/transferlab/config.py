@@ -304,12 +304,6 @@ def validate(cfg) -> None:
     if cfg.trainer.strategy not in ("auto", "ddp"):
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: choose auto (one process) or ddp "
                           "(trainer=ddp for GPUs, trainer=ddp_cpu for CPU processes)")
-    if cfg.trainer.accelerator in ("gpu", "cuda"):
-        import torch  # here only: importing config must not import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible here; "
-                              "use trainer=cpu (or trainer=ddp_cpu)")
     if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
                           "set it to false for CPU DDP (each rank then normalizes with its own batch statistics)")

@@ -21,7 +21,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.cache import StageCache
-from transferlab.collectives import barrier, ensure_process_group, is_global_zero, rank_and_world_size
+from transferlab.collectives import barrier, check_devices, ensure_process_group, is_global_zero, rank_and_world_size
 from transferlab.config import validate
 from transferlab.data import TransferData, make_transfer_data
 from transferlab.data.loaders import EVAL_BATCH, make_loader
@@ -78,6 +78,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         write_results(run_dir, results)
     try:
         validate(cfg)
+        check_devices(cfg.trainer)
         with stop_on_sigterm():
             results["metrics"], results["task"] = run_stages(cfg, run_dir)
         results["status"] = "completed"

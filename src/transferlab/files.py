@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def atomic_torch_save(obj, path: Path) -> Path:
-    import torch  # here: results.json readers (report, status) never import torch
-
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` writes the file's content to a temporary path beside `path`, which then
+    replaces `path` in one rename (e.g. `atomic_write(p, lambda tmp: torch.save(obj, tmp))`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     tmp.replace(path)
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from transferlab.collectives import ranks_exist, world_size_of
+from transferlab.collectives import check_devices, ranks_exist, world_size_of
 from transferlab.config import Config, register_schemas, validate
 from transferlab.errors import ConfigError, Preempted, TransferlabError
 from transferlab.results import read_results
@@ -39,6 +39,7 @@ def launch(cfg, run_dir: Path, run) -> dict:
     if world_size == 1 or ranks_exist():
         return run(cfg, run_dir)
     validate(cfg)  # a bad value fails here, once, not in every rank
+    check_devices(cfg.trainer)
     if cfg.trainer.num_nodes > 1:
         raise ConfigError(f"trainer.num_nodes={cfg.trainer.num_nodes}: start one process per rank with srun or "
                           "torchrun (e.g. hydra/launcher=slurm with tasks_per_node = trainer.devices)")

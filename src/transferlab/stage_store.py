@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from transferlab.cache import StageCache
 from transferlab.collectives import is_global_zero
 from transferlab.data import TransferData
-from transferlab.files import atomic_torch_save
+from transferlab.files import atomic_write
 from transferlab.heads import classification_head
 from transferlab.method import SOURCE_DATA, SOURCE_MODEL, TARGET_DATA, Method, MethodContext
 from transferlab.stages.checkpointing import stage_checkpoint_path
@@ -156,8 +156,8 @@ def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_di
         return module, saved["info"]
     module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context)
     if is_global_zero():
-        atomic_torch_save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
+        atomic_write(path, lambda tmp: torch.save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
                            "methods": module.method_modules.state_dict(),
-                           "target_classes": list(data.target.classes), "info": info}, path)
+                           "target_classes": list(data.target.classes), "info": info}, tmp))
         stage_checkpoint_path(run_dir, "target").unlink(missing_ok=True)  # superseded by target.pt
     return module, info

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from transferlab.collectives import is_global_zero
 from transferlab.data import TransferData
 from transferlab.errors import TransferlabError
-from transferlab.files import atomic_torch_save
+from transferlab.files import atomic_write
 from transferlab.heads import classification_head
 from transferlab.stages.callbacks import KeepBestWeights
 from transferlab.stages.module import TaskModule
@@ -54,7 +54,7 @@ def save_source_checkpoint(path: Path, module: TaskModule, cfg, data: TransferDa
         "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
         "info": info,  # the source stage's validation metrics, for a resumed run
     }
-    atomic_torch_save(payload, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_source_checkpoint(cfg, data: TransferData, backbone) -> tuple[TaskModule, dict]:
