@@ -246,9 +246,13 @@ def categorical(points: Sequence[Mapping], metric: str, xkey: str = "setting", r
             lows += list(np.where(has_bar, y - ci, y))
             highs += list(np.where(has_bar, y + ci, y))
         ns = {label: sorted({int(p.get("n", 0)) for p in points if p["label"] == label}) for label in labels}
-        ticks = [f"{_wrap(label)}\nn={'/'.join(map(str, ns[label]))}" for label in labels]
-        ax.set_xticks(range(len(labels)), ticks, rotation=30 if len(labels) > 5 else 0,
-                      ha="right" if len(labels) > 5 else "center")
+        n_of = {label: "n=" + "/".join(map(str, ns[label])) for label in labels}
+        if len(labels) > 5 or max(len(str(label)) for label in labels) > 16:  # one slanted line each
+            fig.set_size_inches(max(4.8, 0.55 * len(labels) + 1.5), 3.3)
+            ax.set_xticks(range(len(labels)), [f"{label} ({n_of[label]})" for label in labels],
+                          rotation=30, ha="right", rotation_mode="anchor")
+        else:
+            ax.set_xticks(range(len(labels)), [f"{_wrap(label)}\n{n_of[label]}" for label in labels])
         ax.set_xlim(-0.6, len(labels) - 0.4)
         ax.grid(False, axis="x")
         if reference is not None:
