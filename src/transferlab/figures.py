@@ -219,12 +219,15 @@ def _done(fig: Figure, caption: str, save_to) -> Plot:
 
 
 def categorical(points: Sequence[Mapping], metric: str, xkey: str = "setting", reference: float | None = None,
-                reference_label: str | None = None, save_to: str | Path | None = None) -> Plot:
+                reference_label: str | None = None, ylabel: str | None = None,
+                save_to: str | Path | None = None) -> Plot:
     """One point ± 95% CI per categorical setting, in the given order; no connecting lines.
 
     A point may carry "group" (another swept key's value): groups sit side by side at each
     category, one colour and marker each, with a legend. `reference` draws a dashed horizontal
-    line (e.g. the majority-class baseline, or the baseline arm's mean)."""
+    line (e.g. the majority-class baseline, or the baseline arm's mean). `ylabel` replaces
+    axis_label(metric) when the groups are different metrics (ID vs OOD accuracy); `metric` still
+    decides the axis rules."""
     with style():
         fig = Figure()
         ax = fig.add_subplot()
@@ -261,11 +264,11 @@ def categorical(points: Sequence[Mapping], metric: str, xkey: str = "setting", r
             highs.append(reference)
         _finish(ax, metric, lows, highs)
         ax.set_xlabel(axis_label(xkey))
-        ax.set_ylabel(axis_label(metric))
+        ax.set_ylabel(ylabel or axis_label(metric))
         if len(groups) > 1:
             _legend(ax)
     dashed = f"; dashed: {reference_label}" if reference is not None and reference_label else ""
-    caption = (f"{_sentence(axis_label(metric))} by {axis_label(xkey)}: mean ± 95% t-interval over seeds "
+    caption = (f"{_sentence(ylabel or axis_label(metric))} by {axis_label(xkey)}: mean ± 95% t-interval over seeds "
                f"({_n_text(points)}){dashed}.")
     return _done(fig, caption, save_to)
 
