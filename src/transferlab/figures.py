@@ -18,10 +18,11 @@ Rules every builder follows:
   counts, times, memory and throughput start at 0; other scores (LogME, ...) are left to autoscale.
 - Axis names come from LABELS, else `axis_label` prettifies the key ("target/ood_test_acc" →
   "target OOD test accuracy").
-- One style (STYLE, an rcParams context: small serif-free fonts, no top/right spines, a
+- One style (STYLE, an rcParams context: small sans-serif fonts, no top/right spines, a
   colour-blind-safe palette, TrueType fonts embedded in the PDF), PDF (vector) + PNG at DPI = 300.
 
-Figures are built on `matplotlib.figure.Figure` (the Agg canvas), never pyplot: no global figure
+Figures are built on `matplotlib.figure.Figure` and saved through the Agg (PNG) and PDF backends,
+never pyplot: no global figure
 state, nothing to close, safe in a Hydra callback.
 """
 
@@ -135,7 +136,7 @@ def y_limits(key: str, lows: Sequence[float], highs: Sequence[float]) -> tuple[f
     lo, hi = min(lows), max(highs)
     kind = metric_kind(key)
     if kind == "nonnegative":
-        return 0.0, hi * 1.08 if hi > 0 else 1.0
+        return min(lo, 0.0), hi * 1.08 if hi > 0 else 1.0  # a negative value would be a bug: show it
     if kind == "free":
         return None
     if kind == "difference":
