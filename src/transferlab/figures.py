@@ -22,8 +22,7 @@ Rules every builder follows:
   colour-blind-safe palette, TrueType fonts embedded in the PDF), PDF (vector) + PNG at DPI = 300.
 
 Figures are built on `matplotlib.figure.Figure` and saved through the Agg (PNG) and PDF backends,
-never pyplot: no global figure
-state, nothing to close, safe in a Hydra callback.
+never pyplot: no global figure state, nothing to close, safe in a Hydra callback.
 """
 
 from __future__ import annotations
