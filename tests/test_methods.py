@@ -66,6 +66,28 @@ def test_results_json_carries_the_task_block(make_cfg, tmp_path):
     assert "target/test_acc" in results["metrics"] and "target/val_acc" in results["metrics"]
 
 
+def test_transferability_scores_come_from_the_start_of_target_features(make_cfg, tmp_path):
+    """Recomputed by hand: the source stage's backbone in eval mode on the target training set,
+    the kept source head's softmax for LEEP / NCE."""
+    from transferlab.transferability import transferability_scores
+
+    cfg = make_cfg("source.epochs=1", "target.epochs=1")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0)
+    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
+    source = torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)
+    backbone.load_state_dict(source["backbone"])
+    head = classification_head(backbone.feature_dim, 5)
+    head.load_state_dict(source["head"])
+    with torch.no_grad():
+        features = backbone.eval()(data.target.train[0])
+        expected = transferability_scores(features, data.target.train[1], torch.softmax(head(features), -1))
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    scratch = run_experiment(make_cfg("source=scratch", "target.epochs=1"), tmp_path / "scratch")["metrics"]
+    assert "transferability/logme" in scratch and "transferability/leep" not in scratch  # no source head
+
+
 # -- optimizer and schedule groups ---------------------------------------------------------------
 class RecordRates(pl.Callback):
     def __init__(self):
@@ -196,3 +218,107 @@ def test_task_of_splits():
         token_level, label_names, num_classes = True, ["O", "B-person", "I-person"], 3
 
     assert isinstance(task_of(Splits), TokenClassification) and task_of(Splits).primary == "f1"
+
+
+# -- the baselines: BSS, Co-Tuning, surgical fine-tuning, WiSE-FT -----------------------------------
+def test_bss_value_and_gradient_equal_autograd_through_svdvals():
+    from transferlab.regularizers.bss import BSS
+
+    torch.manual_seed(0)
+    for shape in [(16, 6), (4, 10)]:  # more examples than features, and fewer
+        features = torch.randn(*shape, dtype=torch.float64).float().requires_grad_()
+        bss = BSS(eta=0.3, k=2)
+        got = bss.loss_term(Step(None, None, None, features, None, None))
+        sigma = torch.linalg.svdvals(features)  # descending
+        want = 0.3 * (sigma[-2:] ** 2).sum()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        g_got, = torch.autograd.grad(got, features)
+        g_want, = torch.autograd.grad(want, features)
+        torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-4)
+
+
+def test_co_tuning_relationship_and_loss_match_a_hand_computation():
+    from transferlab.regularizers.co_tuning import CoTuning
+
+    torch.manual_seed(0)
+    backbone, source_head = nn.Linear(4, 6), nn.Linear(6, 3)
+    x, y = torch.randn(30, 4), torch.arange(30) % 2
+    source_model = nn.Sequential(backbone, source_head)
+    ctx = MethodContext(backbone=backbone, source_model=source_model, source_head=source_head,
+                        task=Classification(2), target_loader=lambda: make_loader((x, y), 7, shuffle=False))
+    co = CoTuning(lam=1.5)
+    co.use_statistics(co.compute_statistics(ctx), ctx)
+    probs = torch.softmax(source_model(x), -1).detach()
+    hand = torch.stack([probs[y == c].mean(0) for c in (0, 1)])
+    torch.testing.assert_close(co.relationship, hand, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(co.relationship.sum(1), torch.ones(2))
+    module = nn.Module()
+    module.method_modules = nn.ModuleDict({"source_head": source_head})
+    features = backbone(x)
+    got = co.loss_term(Step(x, y, None, features, torch.zeros(30, 2), module))
+    want = 1.5 * torch.stack([-(hand[y[n]] * torch.log_softmax(source_head(features[n]), -1)).sum()
+                              for n in range(30)]).mean()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_surgical_trains_only_the_named_blocks(make_cfg, tmp_path):
+    cfg = make_cfg("freeze=surgical", "freeze.train_blocks=[1]", "source.epochs=1", "target.epochs=1")
+    run_experiment(cfg, tmp_path / "run")
+    source = torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)["backbone"]
+    target = torch.load(tmp_path / "run" / "checkpoints" / "target.pt", weights_only=True)["backbone"]
+    moved = {k.split(".")[1] for k in source if not torch.equal(source[k], target[k])}
+    assert moved == {"1"}, moved  # blocks.<i>.…: block 1 alone (BatchNorm statistics of block 0 kept)
+
+
+def test_surgical_block_out_of_range_names_the_key(make_cfg, tmp_path):
+    with pytest.raises(Exception, match=r"freeze.train_blocks=\[5\]: block 5 is out of range"):
+        run_experiment(make_cfg("freeze=surgical", "freeze.train_blocks=[5]"), tmp_path / "run")
+
+
+def test_wise_ft_endpoints_reproduce_the_run_and_the_start_weights(make_cfg, tmp_path):
+    cfg = make_cfg("evaluate.wise_ft_alphas=[0,0.5,1]")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    assert m["wise_ft/1/target/test_acc"] == m["target/test_acc"]  # α = 1: the fine-tuned model, exactly
+    assert m["wise_ft/1/target/test_macro_f1"] == m["target/test_macro_f1"]
+    assert m["wise_ft/1/source/test_acc"] == m["source/test_acc_after"]
+    # α = 0: the start (source) backbone with the fine-tuned target head, computed by hand
+    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0)
+    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
+    backbone.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)["backbone"])
+    head = classification_head(backbone.feature_dim, 5)
+    head.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "target.pt", weights_only=True)["head"])
+    with torch.no_grad():
+        predicted = head(backbone.eval()(data.target.test[0])).argmax(1)
+    assert m["wise_ft/0/target/test_acc"] == pytest.approx(float((predicted == data.target.test[1]).float().mean()))
+    assert m["wise_ft/0/source/test_acc"] == m["source/test_acc_before"]  # the source model untouched
+    best = m["wise_ft/best_alpha"]
+    assert m["wise_ft/target/test_acc"] == m[f"wise_ft/{best:g}/target/test_acc"]
+    assert m[f"wise_ft/{best:g}/target/val_acc"] == max(m[f"wise_ft/{a}/target/val_acc"] for a in ("0", "0.5", "1"))
+
+
+def test_wise_ft_alpha_out_of_range_is_one_line(make_cfg, tmp_path):
+    with pytest.raises(Exception, match=r"evaluate.wise_ft_alphas=\[0.5, 1.5\]: every α must be in \[0, 1\]"):
+        run_experiment(make_cfg("evaluate.wise_ft_alphas=[0.5,1.5]"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("regularizer", ["bss", "co_tuning"])
+def test_new_regularizers_run_end_to_end(make_cfg, tmp_path, regularizer):
+    m = run_experiment(make_cfg(f"regularizer={regularizer}", "source.epochs=1", "target.epochs=2"),
+                       tmp_path / "run")["metrics"]
+    assert m["target/test_acc"] > 0.5 and m["transfer/forgetting"] is not None
+
+
+def test_regularizers_compose_each_with_its_own_coefficient(make_cfg, tmp_path):
+    """L2-SP + BSS as one config: the L2-SP penalty logged as before, BSS's loss term beside it."""
+    import csv
+
+    cfg = make_cfg("regularizer=l2sp", "+regularizer@extra_regularizers.bss=bss", "extra_regularizers.bss.eta=0.01",
+                   "source.epochs=1", "target.epochs=1", "trainer.log_every_n_steps=1")
+    assert cfg.extra_regularizers.bss.eta == 0.01
+    run_experiment(cfg, tmp_path / "run")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "target" / "metrics.csv")))
+    assert any(r.get("target/penalty") for r in rows) and any(r.get("target/bss_loss") for r in rows)
+    with pytest.raises(Exception, match="extra_regularizers.bss.eta=-1: must be >= 0"):
+        from transferlab.config import validate
+
+        validate(make_cfg("+regularizer@extra_regularizers.bss=bss", "extra_regularizers.bss.eta=-1"))

@@ -18,7 +18,7 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Annotated, Any, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -153,6 +153,17 @@ class CacheConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    # LogME, LEEP, NCE and H-score of the target training set's features at the start of the
+    # target stage (one forward pass, no training): does the start point look transferable?
+    transferability: bool = True
+    # WiSE-FT (Wortsman et al. 2022): after the target stage, the backbone at (1-α)·θ_start + α·θ_tuned
+    # for each α, evaluated on target val / test and the source test; α is selected on val.
+    # Empty: off. E.g. [0, 0.25, 0.5, 0.75, 1].
+    wise_ft_alphas: List[float] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     seed: int = 0
     name: str = "default"  # experiment name: W&B group and output folder
@@ -160,12 +171,16 @@ class Config:
     backbone: Any = MISSING
     freeze: Any = MISSING
     regularizer: Any = MISSING
+    # More regularizers on top of `regularizer`, each with its own coefficients:
+    #   transferlab regularizer=l2sp +regularizer@extra_regularizers.bss=bss extra_regularizers.bss.eta=0.01
+    extra_regularizers: Dict[str, Any] = field(default_factory=dict)
     source: SourceConfig = field(default_factory=SourceConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     force: bool = False  # rerun even if this run dir already holds a completed run of this config
     # What a sweeper (Optuna) maximizes; None: the task's primary validation metric
     # (target/val_acc, or target/val_f1 for NER).
@@ -283,6 +298,8 @@ def validate(cfg) -> None:
     for key in COMPONENTS:
         check_arguments(OmegaConf.select(cfg, key), key)
     check_arguments(cfg.regularizer, "regularizer", coefficients=True)
+    for name, node in cfg.extra_regularizers.items():
+        check_arguments(node, f"extra_regularizers.{name}", coefficients=True)
 
     def positive(key: str, value) -> None:
         if value is None or not value > 0:
@@ -354,5 +371,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"data.{key}={value}: must be >= 1 (or null for all)")
     if cfg.data.max_length < 2:
         raise ConfigError(f"data.max_length={cfg.data.max_length}: must be >= 2 (room for the special tokens)")
+    for alpha in cfg.evaluate.wise_ft_alphas:
+        if not 0 <= alpha <= 1:
+            raise ConfigError(f"evaluate.wise_ft_alphas={list(cfg.evaluate.wise_ft_alphas)}: every α must be in [0, 1] "
+                              "(0: the start weights, 1: the fine-tuned ones)")
     if cfg.trainer.log_every_n_steps < 1:
         raise ConfigError(f"trainer.log_every_n_steps={cfg.trainer.log_every_n_steps}: must be >= 1")

@@ -33,7 +33,8 @@ from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.source import load_source_checkpoint
 from transferlab.stages.trainer import stage_device
-from transferlab.tasks import task_of
+from transferlab.tasks import evaluating, task_of, to_device
+from transferlab.transferability import transferability_scores
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def same_config(previous: dict, current: dict) -> bool:
 
 # Keys added since runs were first recorded, with the value that reproduces what those runs did.
 NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
-                    ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER}
+                    ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER,
+                    ("evaluate",): {"transferability": True, "wise_ft_alphas": []}}
 
 
 def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) -> dict:
@@ -182,11 +184,12 @@ class Setup:
     backbone: torch.nn.Module
     freeze: object  # freeze.FreezePolicy
     regularizer: object  # regularizers.Regularizer
+    extra_regularizers: list  # more Regularizers, from cfg.extra_regularizers
     mode: str  # source.mode: train | checkpoint | scratch | pretrained
 
     @property
     def methods(self) -> list:
-        return [self.freeze, self.regularizer]
+        return [self.freeze, self.regularizer, *self.extra_regularizers]
 
     @property
     def has_source(self) -> bool:
@@ -207,11 +210,17 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
     setup.freeze.adapt_backbone(setup.backbone, seed=cfg.seed)
     context = method_context(cfg, setup, source_model)
     statistics_stage(cfg, setup, context, cache if setup.mode == "train" else None, metrics)
+    if cfg.evaluate.transferability:
+        transferability_stage(cfg, setup, context, metrics)
     # The target stage starts from its own seed, so it is the same whether the source stage
     # was trained just now, loaded from the cache, or skipped (scratch).
     pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
+    if cfg.evaluate.wise_ft_alphas:
+        context.start_weights  # noqa: B018  the snapshot WiSE-FT interpolates from, before any step
     target_model = target_stage(cfg, setup, run_dir, context, metrics)
     evaluation_stage(cfg, setup, target_model, source_model, context, metrics)
+    if cfg.evaluate.wise_ft_alphas:
+        wise_ft_stage(cfg, setup, target_model, source_model, context, metrics)
     return metrics, context.task.describe(majority_test=majority_score(context.task, setup.data))
 
 
@@ -224,14 +233,19 @@ def build_setup(cfg) -> Setup:
     check_data_fits_backbone(cfg, data)
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze, regularizer = build(cfg.freeze), build(cfg.regularizer)
-    pretrained = check_stage_choices(cfg, mode, backbone, freeze, regularizer)
+    extras = []
+    for name, node in cfg.extra_regularizers.items():
+        extra = build(node)
+        extra.penalty_key = f"{name}_penalty"
+        extras.append(extra)
+    pretrained = check_stage_choices(cfg, mode, backbone, freeze, [regularizer, *extras])
     if mode == "scratch" and pretrained:
         backbone.reset_parameters()  # the no-transfer baseline starts from random weights
     if data.is_text:
         started = time.time()
         data = tokenize_transfer_data(data, backbone.tokenizer, cfg.data.max_length)  # once per run, not per epoch
         log.info("tokenized in %.1f s", time.time() - started)
-    return Setup(data, backbone, freeze, regularizer, mode)
+    return Setup(data, backbone, freeze, regularizer, extras, mode)
 
 
 def source_stage(cfg, setup: Setup, run_dir: Path, cache: StageCache | None, metrics: dict):
@@ -282,10 +296,31 @@ def statistics_stage(cfg, setup: Setup, context: MethodContext, cache: StageCach
         metrics[f"cache/{method.name}_statistics_hit"] = hit
 
 
+@torch.no_grad()
+def transferability_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
+    """Transferability scores (LogME, H-score; LEEP and NCE with a source head) of the target
+    training set, from the features the target stage starts with — before any fine-tuning.
+    Classification targets only (a token task's features are per token)."""
+    if context.task.token_level:
+        return
+    started = time.time()
+    backbone, device = setup.backbone, stage_device(cfg.trainer)
+    features, probs = [], []
+    with evaluating(backbone.to(device)):
+        for x, _ in make_loader(setup.data.target.train, EVAL_BATCH, shuffle=False):
+            f = backbone(to_device((x,), device)[0])
+            features.append(f.float().cpu())
+            if context.source_head is not None:
+                probs.append(torch.softmax(context.source_head.to(device)(f).float(), -1).cpu())
+    metrics.update(transferability_scores(torch.cat(features), setup.data.target.train[1],
+                                          torch.cat(probs) if probs else None))
+    metrics["time/transferability_s"] = round(time.time() - started, 3)
+
+
 def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, metrics: dict):
     started = time.time()
     target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer, run_dir,
-                                       context)
+                                       context, setup.extra_regularizers)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
     fault_point("after:target")
@@ -313,6 +348,42 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
                                    + setup.freeze.trainable_backbone_params(setup.backbone, cfg.target.epochs))
 
 
+@torch.no_grad()
+def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: MethodContext, metrics: dict) -> None:
+    """WiSE-FT: the backbone at θ(α) = (1-α)·θ_start + α·θ_tuned for each α (every floating-point
+    tensor, BatchNorm statistics included; integer counters stay the tuned ones). The target head is
+    the fine-tuned one at every α (it has no start value: at α = 0 it reads the start features), the
+    source head is the kept one (as trained under LwF / Co-Tuning). α is selected on target
+    validation (ties: the larger α); its test metrics are reported as wise_ft/target/test_*."""
+    data, device, task = setup.data, stage_device(cfg.trainer), context.task
+    backbone = setup.backbone
+    tuned = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    start = context.start_weights
+    val = make_loader(data.target.val, EVAL_BATCH, shuffle=False)
+    test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
+    chosen = None
+    for alpha in sorted(set(cfg.evaluate.wise_ft_alphas)):
+        backbone.load_state_dict(interpolate(start, tuned, alpha))
+        scores = {f"target/val_{k}": v for k, v in task.evaluate(target_model.to(device), val).items()}
+        scores |= {f"target/test_{k}": v for k, v in task.evaluate(target_model, test).items()}
+        if source_model is not None:
+            after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
+            scores["source/test_acc"] = after["acc"]
+            scores["transfer/forgetting"] = metrics["source/test_acc_before"] - after["acc"]
+        metrics.update({f"wise_ft/{alpha:g}/{k}": v for k, v in scores.items()})
+        primary = scores[f"target/val_{task.primary}"]
+        if chosen is None or primary >= chosen[1]:
+            chosen = (alpha, primary, scores)
+    backbone.load_state_dict(tuned)  # the run's own model again
+    metrics["wise_ft/best_alpha"] = chosen[0]
+    metrics.update({f"wise_ft/{k}": v for k, v in chosen[2].items() if "/test_" in k or k == "transfer/forgetting"})
+
+
+def interpolate(start: dict, tuned: dict, alpha: float) -> dict:
+    """(1-α)·start + α·tuned, written so that α = 1 gives `tuned` and α = 0 `start` exactly."""
+    return {k: ((1 - alpha) * start[k] + alpha * v) if v.is_floating_point() else v for k, v in tuned.items()}
+
+
 def source_test_loader(data: TransferData):
     return make_loader(data.source.test, EVAL_BATCH, shuffle=False)
 
@@ -334,12 +405,12 @@ def check_data_fits_backbone(cfg, data) -> None:
                           "has no per-token features (token_features): use backbone=minilm or backbone=hf")
 
 
-def check_stage_choices(cfg, mode: str, backbone, freeze, regularizer) -> bool:
+def check_stage_choices(cfg, mode: str, backbone, freeze, regularizers: list) -> bool:
     """Freeze policy vs backbone, regularizer vs source stage, source mode vs weights.
     Returns whether the backbone came pretrained."""
     freeze.check(backbone.num_blocks, cfg.target.epochs)
     freeze.check_backbone(backbone)
-    for method, group in ((freeze, "freeze"), (regularizer, "regularizer")):
+    for method, group in ((freeze, "freeze"), *((r, "regularizer") for r in regularizers)):
         if method.needs_source_model and mode not in ("train", "checkpoint"):
             raise ConfigError(f"{group}={method.name} needs a source stage (its statistics come from the source "
                               f"model), and source={mode} has none: use source=train or source=checkpoint, "

@@ -140,21 +140,22 @@ def method_statistics(cfg, data: TransferData, method: Method, ctx: MethodContex
 
 
 # -- the target stage -----------------------------------------------------------------------------
-def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_dir: Path, context: MethodContext
-                  ) -> tuple[TaskModule, dict]:
+def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_dir: Path, context: MethodContext,
+                  extra_regularizers=()) -> tuple[TaskModule, dict]:
     """Train the target stage; a resumed run whose target stage had finished takes its kept
     weights (backbone, head, the methods' modules) and metrics back from target.pt."""
     path = run_dir / "checkpoints" / "target.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         context.head = classification_head(backbone.feature_dim, data.target.num_classes)
-        module = target_module(cfg, backbone, context.head, context, [freeze, regularizer],
+        module = target_module(cfg, backbone, context.head, context, [freeze, regularizer, *extra_regularizers],
                                freeze.lr_scales(len(backbone.blocks)))
         backbone.load_state_dict(saved["backbone"])
         context.head.load_state_dict(saved["head"])
         module.method_modules.load_state_dict(saved.get("methods", {}))
         return module, saved["info"]
-    module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context)
+    module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context,
+                                extra_regularizers=extra_regularizers)
     if is_global_zero():
         atomic_write(path, lambda tmp: torch.save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
                            "methods": module.method_modules.state_dict(),

@@ -1,6 +1,5 @@
 """Full fine-tuning: every block trains."""
 
-
 from transferlab.freeze.base import FreezePolicy
 
 

@@ -10,7 +10,6 @@ Carried out by the base class's masking: blocks frozen in every epoch get requir
 the others have their gradients dropped while frozen; param groups never change.
 """
 
-
 from transferlab.freeze.base import FreezePolicy
 from typing import Annotated
 

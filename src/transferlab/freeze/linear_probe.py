@@ -1,6 +1,5 @@
 """Linear probe: the backbone is a fixed feature extractor; only the head trains."""
 
-
 from transferlab.freeze.base import FreezePolicy
 
 

@@ -7,7 +7,6 @@ least. With the head at depth max_depth = num_blocks and block i at depth i:
 Carried out through `lr_scales`: the fixed per-block param groups get these rates.
 """
 
-
 from transferlab.freeze.base import FreezePolicy
 from typing import Annotated
 

@@ -1,6 +1,5 @@
 """LP-FT (Kumar et al., ICLR 2022): linear probe for `probe_epochs`, then fine-tune everything."""
 
-
 from transferlab.freeze.base import FreezePolicy
 from transferlab.config import PositiveInt
 

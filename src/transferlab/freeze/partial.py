@@ -1,6 +1,5 @@
 """Partial fine-tuning: the first k blocks (closest to the input) stay frozen."""
 
-
 from transferlab.freeze.base import FreezePolicy
 from transferlab.config import NonNegativeInt
 

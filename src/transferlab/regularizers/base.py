@@ -21,6 +21,7 @@ class Regularizer(Method):
     # from weights that have moved since the target stage started.
     state_attributes: tuple[str, ...] = ()
     _restored: dict | None = None
+    penalty_key = "penalty"  # logged as <stage>/<penalty_key>; extra regularizers get "<name>_penalty"
 
     def add_penalty_grad_(self) -> None:
         """Add d(penalty)/dw to w.grad for every parameter that has a gradient this step."""
@@ -37,6 +38,10 @@ class Regularizer(Method):
                 setattr(self, name, [t.to(device) for t in tensors])
             self._restored = None
 
+    @property
+    def state_key(self) -> str:  # two regularizers of one run keep their checkpoint states apart
+        return f"{type(self).__qualname__}[{self.penalty_key}]"
+
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.state_attributes}
 
@@ -52,7 +57,7 @@ class Regularizer(Method):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step that just ran
         if self.has_penalty and trainer.loggers and step % trainer.log_every_n_steps == 0:
-            log_to_loggers(trainer, {f"{pl_module.stage}/penalty": float(self.penalty())}, step)
+            log_to_loggers(trainer, {f"{pl_module.stage}/{self.penalty_key}": float(self.penalty())}, step)
 
 
 def with_grads(params: Tensors, *others: Tensors) -> tuple[Tensors, ...]:

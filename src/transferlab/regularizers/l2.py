@@ -1,6 +1,5 @@
 """L2 toward zero (weight decay as a penalty): alpha/2 * sum ||w||^2 over everything that trains."""
 
-
 import torch
 
 from transferlab.method import MethodContext

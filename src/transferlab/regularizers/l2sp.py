@@ -7,7 +7,6 @@ source solution, or the pretrained / random init); w_head: the new target head, 
 The paper's code uses alpha=0.1, beta=0.01; TLlib uses 0.01 for both.
 """
 
-
 import torch
 
 from transferlab.method import MethodContext

@@ -1,6 +1,5 @@
 """No regularizer: plain fine-tuning."""
 
-
 from transferlab.regularizers.base import Regularizer
 
 

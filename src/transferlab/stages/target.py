@@ -28,14 +28,15 @@ def target_module(cfg, backbone, head, context: MethodContext, methods, lr_scale
 
 
 def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regularizer: Regularizer,
-                 run_dir: Path, *, context: MethodContext | None = None, loggers=None) -> tuple[TaskModule, dict]:
+                 run_dir: Path, *, context: MethodContext | None = None, extra_regularizers=(), loggers=None
+                 ) -> tuple[TaskModule, dict]:
     """Fit a new head (and the backbone, as the freeze policy allows). `context` carries what the
     methods may use (the experiment builds it; None: the backbone and task alone)."""
     task = data.target
     head = classification_head(backbone.feature_dim, task.num_classes)
     context = context if context is not None else MethodContext(backbone=backbone, task=task_of(task))
     context.head = head
-    methods = [freeze, regularizer]
+    methods = [freeze, regularizer, *extra_regularizers]
     module = target_module(cfg, backbone, head, context, methods, freeze.lr_scales(len(backbone.blocks)))
     monitor = f"target/val_{context.task.primary}"
     best = KeepBestWeights(monitor)
