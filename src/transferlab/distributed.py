@@ -52,7 +52,7 @@ def is_global_zero() -> bool:
 
 def world_size_of(cfg) -> int:
     t = cfg.trainer
-    if not str(t.strategy).startswith("ddp"):
+    if not str(t.strategy).startswith(("ddp", "fsdp")):
         return 1
     devices = t.devices if isinstance(t.devices, int) else len(t.devices)
     return devices * t.num_nodes
@@ -108,6 +108,34 @@ def broadcast_from_zero(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# -- FSDP (trainer=fsdp) -------------------------------------------------------------------------
+FSDP_STRATEGY = "fsdp_layers"
+
+
+def wrap_transformer_layers(module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP auto-wrap policy: every transformers layer (decoder or encoder layers all derive from
+    GradientCheckpointingLayer) is its own FSDP unit, gathered only while it runs."""
+    if recurse:
+        return True
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+def register_fsdp_strategy() -> None:
+    """`trainer.strategy=fsdp_layers`: Lightning's FSDPStrategy with the policy above, by name, so
+    the trainer config stays a string (Lightning keeps use_orig_params=True: LoRA's frozen base
+    weights and trainable adapters share a layer)."""
+    from pytorch_lightning.strategies import FSDPStrategy, StrategyRegistry
+
+    if FSDP_STRATEGY not in StrategyRegistry:
+        StrategyRegistry.register(FSDP_STRATEGY, FSDPStrategy, description="FSDP, one unit per transformer layer",
+                                  auto_wrap_policy=wrap_transformer_layers)
+
+
+register_fsdp_strategy()  # every process that builds a Trainer imports this module first
 
 
 # -- the launcher ------------------------------------------------------------------------------
