@@ -232,6 +232,8 @@ def test_l2sp_and_ewc_gradients_on_the_lora_decoder_equal_autograd(family, token
     head = nn.Linear(HIDDEN, 3)
     l2sp.attach(backbone, head)
     ewc.attach(backbone, head)
+    adapters = [n for n in named if is_adapter(n)]
+    assert len(l2sp.anchors) == len(adapters) and len(ewc.anchors) == len(named)  # L2-SP state: adapter-sized
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # move what trains, so both penalties are nonzero
         for p in [*backbone.parameters(), *head.parameters()]:
