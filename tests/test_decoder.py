@@ -324,10 +324,13 @@ def test_fsdp_without_cuda_is_one_line(tmp_path, saved_gpt2):
     from transferlab.config import validate
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is visible: the FSDP path is exercised by scripts/bench_decoder_gpu.py instead")
+        pytest.skip("a GPU is visible: this checks the CPU-only refusal")
+    # torch's FSDP itself refuses CPUs ("FSDP needs a non-CPU accelerator device"): one line first
     with pytest.raises(ConfigError, match="no CUDA GPU is visible") as e:
         validate(cfg)
     assert "\n" not in str(e.value)
     cpu = run_cfg(tmp_path, saved_gpt2, "experiment=tweets_sentiment", "trainer.strategy=fsdp_layers")
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp_layers needs CUDA GPUs"):
         validate(cpu)
+    with pytest.raises(ConfigError, match="regularizer=ewc with trainer.strategy=fsdp_layers"):
+        validate(run_cfg(tmp_path, saved_gpt2, "experiment=tweets_sentiment", "trainer=fsdp", "regularizer=ewc"))

@@ -188,6 +188,9 @@ def validate(cfg) -> None:
     if cfg.trainer.strategy not in ("auto", "ddp", "fsdp_layers"):
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: choose auto (one process), ddp "
                           "(trainer=ddp for GPUs, trainer=ddp_cpu for CPU processes) or fsdp_layers (trainer=fsdp)")
+    if cfg.trainer.strategy == "fsdp_layers" and str(cfg.regularizer.get("_target_", "")).endswith(".EWC"):
+        raise ConfigError("regularizer=ewc with trainer.strategy=fsdp_layers: its Fisher and anchors are whole "
+                          "parameters, FSDP shards them; use trainer=ddp (or regularizer=l2sp)")
     if cfg.trainer.strategy == "fsdp_layers" and cfg.trainer.accelerator not in ("gpu", "cuda"):
         raise ConfigError(f"trainer.strategy=fsdp_layers needs CUDA GPUs (trainer.accelerator="
                           f"{cfg.trainer.accelerator}): use trainer=fsdp on GPUs, or trainer=ddp_cpu on CPUs")
