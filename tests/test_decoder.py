@@ -124,6 +124,39 @@ def test_blocks_are_a_view_of_every_parameter_once(family, tokenizer):
         tiny_decoder(family, tokenizer, pooling="cls")
 
 
+@pytest.mark.parametrize("policy, epoch, frozen", [
+    ("partial", 0, {0, 1}), ("linear_probe", 0, {0, 1, 2, 3}), ("gradual", 0, {0, 1, 2}), ("gradual", 1, {0, 1})])
+def test_freeze_policies_act_on_the_decoder_blocks(policy, epoch, frozen, tokenizer):
+    from hydra.utils import instantiate
+
+    backbone = tiny_decoder("gpt2", tokenizer)
+    freeze = instantiate(compose_config([f"freeze={policy}", "freeze.k=2"] if policy == "partial" else
+                                        [f"freeze={policy}"]).freeze)
+    module = TaskModule(backbone, nn.Linear(HIDDEN, 3), task="target", lr=1e-3,
+                        lr_scales=freeze.lr_scales(backbone.num_blocks))
+    trainer = type("Trainer", (), {"max_epochs": 4, "current_epoch": epoch})()
+    freeze.setup(trainer, module, "fit")
+    freeze.on_train_epoch_start(trainer, module)
+    module.train()
+    assert {i for i, block in enumerate(backbone.blocks) if not block.training} == frozen  # eval: no dropout
+    F.cross_entropy(module(batch_of(tokenizer, TEXTS, "right")), torch.tensor([0, 1, 2, 0])).backward()
+    freeze.on_before_optimizer_step(trainer, module, None)
+    moving = {i for i, block in enumerate(backbone.blocks) if all(p.grad is not None for p in block.parameters())}
+    assert moving == set(range(4)) - frozen
+    assert all(p.grad is None for i in frozen for p in backbone.blocks[i].parameters())
+
+
+def test_reset_parameters_gives_a_fresh_init(tokenizer):
+    backbone = tiny_decoder("llama", tokenizer)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.fill_(0.5)
+    backbone.reset_parameters()  # source=scratch
+    assert torch.equal(backbone.blocks[-1].weight, torch.ones(HIDDEN))  # the final RMSNorm
+    weight = backbone.model.layers[0].self_attn.q_proj.weight.detach()
+    assert abs(float(weight.std()) - backbone.model_config.initializer_range) < 0.003 and abs(float(weight.mean())) < 0.003
+
+
 def test_an_encoder_is_refused_in_one_line(tokenizer):
     with pytest.raises(ConfigError, match="not a decoder-only transformer.*backbone=hf"):
         HFDecoder(minilm_path(), num_layers=1)
