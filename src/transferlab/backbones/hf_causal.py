@@ -56,8 +56,8 @@ class Embeddings(nn.ModuleDict):
     model's forward runs these modules itself."""
 
 
-def decoder_parts(model: nn.Module, name: str) -> tuple[nn.Module, Embeddings, nn.ModuleList, nn.Module]:
-    """(root, embeddings, layers, final norm) of a decoder-only model, found from its children:
+def decoder_parts(model: nn.Module, name: str) -> tuple[Embeddings, nn.ModuleList, nn.Module]:
+    """(embeddings, layers, final norm) of a decoder-only model, found from its children:
     the layers are its one ModuleList, the final norm the norm module registered after it."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError(f"backbone.name={name}: {type(model).__name__} is an encoder-decoder model; "
@@ -72,7 +72,7 @@ def decoder_parts(model: nn.Module, name: str) -> tuple[nn.Module, Embeddings, n
         raise ConfigError(f"backbone.name={name}: {type(model).__name__} is not a decoder-only transformer ({hint})")
     layers, norm = children[lists[0]][1], children[norms[0]][1]
     embeddings = Embeddings({n: m for i, (n, m) in enumerate(children) if i not in (lists[0], norms[0])})
-    return root, embeddings, layers, norm
+    return embeddings, layers, norm
 
 
 def set_pad_token(tokenizer, name: str) -> None:
@@ -123,7 +123,7 @@ class HFDecoder(Backbone):
         self.name, self.pooling = name, pooling
         self.model = model  # the one registered child: parameters are named model.<...>
         self.model_config = model.config
-        _, embeddings, layers, norm = decoder_parts(model, name)
+        embeddings, layers, norm = decoder_parts(model, name)
         # Not registered (object.__setattr__ skips nn.Module's bookkeeping): a view of modules
         # `model` already holds, so nothing is counted, saved or named twice.
         object.__setattr__(self, "blocks", nn.ModuleList([embeddings, *layers, norm]))
