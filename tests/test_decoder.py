@@ -124,6 +124,29 @@ def test_blocks_are_a_view_of_every_parameter_once(family, tokenizer):
         tiny_decoder(family, tokenizer, pooling="cls")
 
 
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral", "OPT"])
+def test_other_families_are_found_generically(family):
+    shape = dict(num_hidden_layers=2, hidden_size=HIDDEN, num_attention_heads=4, vocab_size=1000,
+                 max_position_embeddings=64)
+    shape.update(ffn_dim=128, word_embed_proj_dim=HIDDEN) if family == "OPT" else \
+        shape.update(intermediate_size=128, num_key_value_heads=2)
+    torch.manual_seed(0)
+    backbone = HFDecoder.from_config(getattr(transformers, f"{family}Config")(**shape)).eval()
+    assert backbone.num_blocks == 4 and "norm" in type(backbone.blocks[-1]).__name__.lower()
+    assert sorted(id(p) for b in backbone.blocks for p in b.parameters()) == sorted(id(p) for p in backbone.parameters())
+    lora = LoRA(r=2, alpha=4.0, dropout=0.0)
+    lora.check_backbone(backbone)
+    opt = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    assert lora.target_modules == (opt if family == "OPT" else DEFAULT_TARGETS["llama"])
+    ids = torch.randint(5, 1000, (1, 6))
+    right = {"input_ids": torch.cat([ids, torch.ones(1, 2, dtype=torch.long)], 1),
+             "attention_mask": torch.tensor([[1] * 6 + [0] * 2])}
+    left = {"input_ids": torch.cat([torch.ones(1, 2, dtype=torch.long), ids], 1),
+            "attention_mask": torch.tensor([[0] * 2 + [1] * 6])}
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(right), backbone(left), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("policy, epoch, frozen", [
     ("partial", 0, {0, 1}), ("linear_probe", 0, {0, 1, 2, 3}), ("gradual", 0, {0, 1, 2}), ("gradual", 1, {0, 1})])
 def test_freeze_policies_act_on_the_decoder_blocks(policy, epoch, frozen, tokenizer):

@@ -2,7 +2,8 @@
 
 `backbone=hf_causal backbone.name=<local folder or hub id in the local HF cache>`. Blocks are
 [embeddings, layer 0, ..., layer n-1, final norm], found generically from the model's children
-(GPT-2: wte/wpe + h + ln_f; Llama/Qwen/Mistral: embed_tokens (+ rotary_emb) + layers + norm).
+(GPT-2: wte/wpe + h + ln_f; Llama/Qwen/Mistral: embed_tokens (+ rotary_emb) + layers + norm;
+OPT: decoder.embed_tokens/embed_positions + decoder.layers + decoder.final_layer_norm).
 
 Unlike `hf.py`, which runs an encoder's layers one at a time, this backbone runs the model's own
 forward: a decoder layer needs the causal mask combined with the padding mask and per-family
@@ -58,17 +59,18 @@ class Embeddings(nn.ModuleDict):
 
 def decoder_parts(model: nn.Module, name: str) -> tuple[Embeddings, nn.ModuleList, nn.Module]:
     """(embeddings, layers, final norm) of a decoder-only model, found from its children:
-    the layers are its one ModuleList, the final norm the norm module registered after it."""
+    the layers are its one ModuleList, the final norm its one norm module (GPT-2 ln_f, Llama norm,
+    OPT final_layer_norm); everything else is the embeddings block."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError(f"backbone.name={name}: {type(model).__name__} is an encoder-decoder model; "
                           "backbone=hf_causal takes decoder-only models (GPT-2, Llama, Qwen, Mistral)")
-    root = getattr(model, "decoder", model)  # OPT-style models keep the stack one level down
+    root = getattr(model, "decoder", model)  # OPT keeps the stack one level down
     children = list(root.named_children())
     lists = [i for i, (_, m) in enumerate(children) if isinstance(m, nn.ModuleList)]
-    norms = [i for i, (_, m) in enumerate(children) if lists and i > lists[0] and "norm" in type(m).__name__.lower()]
+    norms = [i for i, (_, m) in enumerate(children) if "norm" in type(m).__name__.lower()]
     if len(lists) != 1 or len(norms) != 1:
         hint = "use backbone=hf for BERT-style encoders" if hasattr(model, "encoder") else \
-            "expected one list of decoder layers and a final norm after it"
+            "expected one list of decoder layers and one final norm"
         raise ConfigError(f"backbone.name={name}: {type(model).__name__} is not a decoder-only transformer ({hint})")
     layers, norm = children[lists[0]][1], children[norms[0]][1]
     embeddings = Embeddings({n: m for i, (n, m) in enumerate(children) if i not in (lists[0], norms[0])})

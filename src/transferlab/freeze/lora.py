@@ -6,7 +6,7 @@ default), plus the new head.
 has (`default_targets`): BERT-style encoders get [query, value] (the LoRA paper's choice, and what
 the cache keys of earlier runs hold); GPT-2 its fused attention and MLP projections (transformers'
 Conv1D, a Linear stored transposed: peft adapts it with fan_in_fan_out); Llama / Qwen / Mistral
-every attention and MLP projection.
+(and OPT) every attention and MLP projection.
 
 The adapters are injected by `adapt_backbone`, which the experiment calls after the source stage
 and before the target stage. peft wraps each targeted nn.Linear as `base_layer` (the very same
@@ -45,11 +45,12 @@ class Config:
     target_modules: Optional[List[str]] = None  # None: by architecture (see default_targets)
 
 
-# By architecture, first match wins: the first name must exist; the names that exist are kept.
+# By architecture: the family with the most of its names in the backbone; those names are kept.
 FAMILY_TARGETS = (
     ("query", "value"),  # BERT / RoBERTa / MiniLM / ELECTRA
     ("c_attn", "c_proj", "c_fc"),  # GPT-2 (Conv1D)
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # Llama, Qwen, Mistral
+    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # OPT
 )
 
 
@@ -64,10 +65,9 @@ def targets(backbone: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]
 
 
 def default_targets(backbone: nn.Module) -> list[str] | None:
-    for family in FAMILY_TARGETS:
-        if targets(backbone, [family[0]]):
-            return [name for name in family if targets(backbone, [name])]
-    return None
+    present = [[name for name in family if targets(backbone, [name])] for family in FAMILY_TARGETS]
+    best = max(present, key=len)  # ties: the earlier family
+    return best or None
 
 
 def is_conv1d(module: nn.Module) -> bool:
