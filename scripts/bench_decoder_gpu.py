@@ -247,7 +247,8 @@ def run_transferlab(env: Env, cfg, config, data, warmup: int, steps: int) -> dic
 def main() -> None:
     args = parse_args()
     env = Env(args.smoke)
-    decoders = SMOKE if args.smoke else {k: v for k, v in DECODERS.items() if args.decoders is None or k in args.decoders}
+    chosen = {k: v for k, v in DECODERS.items() if args.decoders is None or k in args.decoders}
+    decoders = SMOKE if args.smoke else chosen
     cfgs = {"transferlab lora": compose_cfg(env, "none", args.batch),
             "transferlab lora+l2sp": compose_cfg(env, "l2sp", args.batch)}
     device = torch.cuda.get_device_name(0) if env.cuda else "CPU"
@@ -283,7 +284,8 @@ def main() -> None:
             row["x_raw_speed"] = round(row["samples_per_s"] / base["samples_per_s"], 3)
             row["x_raw_memory"] = round(row["peak_gib"] / base["peak_gib"], 3) if env.cuda else None
             memory = f"{row['peak_gib']:>9.2f} {row['x_raw_memory']:>7.3f}" if env.cuda else f"{'-':>9} {'-':>7}"
-            print(f"  {variant:<24} {row['samples_per_s']:>10.1f} {row['x_raw_speed']:>7.3f} {memory} {row['trainable']:>11,}")
+            speed = f"{row['samples_per_s']:>10.1f} {row['x_raw_speed']:>7.3f}"
+            print(f"  {variant:<24} {speed} {memory} {row['trainable']:>11,}")
         results["decoders"][name] = {"params": params, "variants": rows}
     results["total_s"] = round(time.perf_counter() - T_START, 1)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("outputs")

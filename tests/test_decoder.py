@@ -133,7 +133,8 @@ def test_other_families_are_found_generically(family):
     torch.manual_seed(0)
     backbone = HFDecoder.from_config(getattr(transformers, f"{family}Config")(**shape)).eval()
     assert backbone.num_blocks == 4 and "norm" in type(backbone.blocks[-1]).__name__.lower()
-    assert sorted(id(p) for b in backbone.blocks for p in b.parameters()) == sorted(id(p) for p in backbone.parameters())
+    in_blocks = sorted(id(p) for b in backbone.blocks for p in b.parameters())
+    assert in_blocks == sorted(id(p) for p in backbone.parameters())
     lora = LoRA(r=2, alpha=4.0, dropout=0.0)
     lora.check_backbone(backbone)
     opt = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -177,7 +178,8 @@ def test_reset_parameters_gives_a_fresh_init(tokenizer):
     backbone.reset_parameters()  # source=scratch
     assert torch.equal(backbone.blocks[-1].weight, torch.ones(HIDDEN))  # the final RMSNorm
     weight = backbone.model.layers[0].self_attn.q_proj.weight.detach()
-    assert abs(float(weight.std()) - backbone.model_config.initializer_range) < 0.003 and abs(float(weight.mean())) < 0.003
+    assert abs(float(weight.std()) - backbone.model_config.initializer_range) < 0.003
+    assert abs(float(weight.mean())) < 0.003
 
 
 def test_an_encoder_is_refused_in_one_line(tokenizer):
@@ -273,8 +275,8 @@ def test_l2sp_and_ewc_gradients_on_the_lora_decoder_equal_autograd(family, token
     batch, y = tokens[list(range(4))], labels[:4]
     # EWC: the Fisher from per-sample gradients (vmap) through the decoder's own forward
     ewc = EWC(lam=50.0)
-    ewc.prepare_from_source(nn.Sequential(backbone, nn.Linear(HIDDEN, 3)), make_loader((tokens, labels), 6, shuffle=False),
-                            backbone)
+    source_model = nn.Sequential(backbone, nn.Linear(HIDDEN, 3))
+    ewc.prepare_from_source(source_model, make_loader((tokens, labels), 6, shuffle=False), backbone)
     backbone.eval()
     fisher = dict(zip(named, [f.clone() for f in ewc.fisher]))
     # It covers every backbone parameter by name (frozen base weights too: model-sized); at B = 0
@@ -390,3 +392,10 @@ def test_fsdp_without_cuda_is_one_line(tmp_path, saved_gpt2):
         validate(cpu)
     with pytest.raises(ConfigError, match="regularizer=ewc with trainer.strategy=fsdp_layers"):
         validate(run_cfg(tmp_path, saved_gpt2, "experiment=tweets_sentiment", "trainer=fsdp", "regularizer=ewc"))
+
+
+def test_backbone_hf_points_a_decoder_to_hf_causal(saved_gpt2):
+    from transferlab.backbones.hf import HFEncoder
+
+    with pytest.raises(ConfigError, match="not a BERT-style encoder.*backbone=hf_causal"):
+        HFEncoder(str(saved_gpt2))

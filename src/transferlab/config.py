@@ -77,7 +77,7 @@ class TrainerConfig:
     progress_bar: bool = False
     gradient_clip_val: Optional[float] = None
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default, or shared fairly under joblib)
-    strategy: str = "auto"  # Lightning strategy: auto (one process), ddp (conf/trainer/ddp*.yaml) or fsdp_layers (trainer=fsdp)
+    strategy: str = "auto"  # auto (one process), ddp (conf/trainer/ddp*.yaml) or fsdp_layers (trainer=fsdp)
     num_nodes: int = 1
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch, as in one process
     pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
@@ -85,7 +85,7 @@ class TrainerConfig:
     # (null: never on time) and, when set, every n optimizer steps; SIGTERM always writes one.
     checkpoint_interval_s: Optional[float] = 300.0
     checkpoint_every_n_steps: Optional[int] = None
-    gradient_checkpointing: bool = False  # recompute activations in backward (transformers backbones: backbone=hf_causal)
+    gradient_checkpointing: bool = False  # recompute activations in backward (read by backbone=hf_causal)
 
 
 class LoggerBackend(Enum):
