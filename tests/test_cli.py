@@ -28,8 +28,11 @@ def results_under(root: Path) -> list[dict]:
 def test_help_and_cfg_work_from_any_directory(tmp_path):
     helped = transferlab("--help", cwd=tmp_path)
     assert helped.returncode == 0, helped.stderr
-    assert "freeze: full, linear_probe, lp_ft, partial" in helped.stdout
-    assert "regularizer: ewc, l2, l2sp, none" in helped.stdout
+    assert helped.stdout.startswith("transferlab — transfer-learning experiments")
+    assert "transferlab report <sweep dir>" in helped.stdout and "schema" not in helped.stdout
+    for group, option in [("freeze", "lp_ft"), ("regularizer", "l2sp"), ("optimizer", "sgd"), ("scheduler", "cosine")]:
+        assert f"  {group}:" in helped.stdout and f" {option} " in helped.stdout
+    assert "*full " in helped.stdout and "*none " in helped.stdout  # the defaults, marked
     shown = transferlab("--cfg", "job", "regularizer=l2sp", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "_target_: transferlab.regularizers.l2sp.L2SP" in shown.stdout

@@ -47,7 +47,7 @@ def is_global_zero() -> bool:
 
 def world_size_of(cfg) -> int:
     t = cfg.trainer
-    if not str(t.strategy).startswith("ddp"):
+    if not str(t.strategy).startswith(("ddp", "fsdp")):
         return 1
     devices = t.devices if isinstance(t.devices, int) else len(t.devices)
     return devices * t.num_nodes

@@ -113,7 +113,7 @@ class TrainerConfig:
     progress_bar: bool = False
     gradient_clip_val: Optional[float] = None
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default, or shared fairly under joblib)
-    strategy: str = "auto"  # Lightning strategy: auto (one process) or ddp (see conf/trainer/ddp*.yaml)
+    strategy: str = "auto"  # auto (one process), ddp (conf/trainer/ddp*.yaml) or fsdp_layers (trainer=fsdp)
     num_nodes: int = 1
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over the global batch, as in one process
     pin_memory: bool = False  # page-locked host batches, copied to the GPU without blocking
@@ -121,6 +121,7 @@ class TrainerConfig:
     # (null: never on time) and, when set, every n optimizer steps; SIGTERM always writes one.
     checkpoint_interval_s: Optional[float] = 300.0
     checkpoint_every_n_steps: Optional[int] = None
+    gradient_checkpointing: bool = False  # recompute activations in backward (read by backbone=hf_causal)
 
 
 class LoggerBackend(Enum):
@@ -318,9 +319,15 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key}={cfg[section][name]}: must be >= 0")
     if cfg.target.early_stopping_patience is not None:
         positive("target.early_stopping_patience", cfg.target.early_stopping_patience)
-    if cfg.trainer.strategy not in ("auto", "ddp"):
-        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: choose auto (one process) or ddp "
-                          "(trainer=ddp for GPUs, trainer=ddp_cpu for CPU processes)")
+    if cfg.trainer.strategy not in ("auto", "ddp", "fsdp_layers"):
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy}: choose auto (one process), ddp "
+                          "(trainer=ddp for GPUs, trainer=ddp_cpu for CPU processes) or fsdp_layers (trainer=fsdp)")
+    if cfg.trainer.strategy == "fsdp_layers" and str(cfg.regularizer.get("_target_", "")).endswith(".EWC"):
+        raise ConfigError("regularizer=ewc with trainer.strategy=fsdp_layers: its Fisher and anchors are whole "
+                          "parameters, FSDP shards them; use trainer=ddp (or regularizer=l2sp)")
+    if cfg.trainer.strategy == "fsdp_layers" and cfg.trainer.accelerator not in ("gpu", "cuda"):
+        raise ConfigError(f"trainer.strategy=fsdp_layers needs CUDA GPUs (trainer.accelerator="
+                          f"{cfg.trainer.accelerator}): use trainer=fsdp on GPUs, or trainer=ddp_cpu on CPUs")
     if cfg.trainer.sync_batchnorm and cfg.trainer.accelerator == "cpu":
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
                           "set it to false for CPU DDP (each rank then normalizes with its own batch statistics)")

@@ -58,7 +58,9 @@ def source_settings(cfg, data: TransferData) -> dict:
         "test_fraction": d.test_fraction,
         "source_train_size": d.source_train_size,
         "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        # gradient checkpointing recomputes activations: the same numbers, so not part of the key
+        "backbone": {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+                     if k != "gradient_checkpointing"},
         "source": {k: cfg.source[k] for k in ("epochs", "lr", "weight_decay", "batch_size")},
         "seed": cfg.seed,
         "trainer": {k: cfg.trainer[k] for k in ("precision", "deterministic", "gradient_clip_val")},

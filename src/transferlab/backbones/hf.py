@@ -79,7 +79,8 @@ class HFEncoder(Backbone):
         layers = getattr(getattr(model, "encoder", None), "layer", None)
         if not hasattr(model, "embeddings") or not isinstance(layers, nn.ModuleList):
             raise ConfigError(f"backbone.name={name}: {type(model).__name__} is not a BERT-style encoder "
-                              "(embeddings + encoder.layer); use a BERT/RoBERTa/MiniLM/ELECTRA model")
+                              "(embeddings + encoder.layer); use a BERT/RoBERTa/MiniLM/ELECTRA model, "
+                              "or backbone=hf_causal for a decoder-only one (GPT-2, Llama, ...)")
         if num_layers is not None and num_layers > len(layers):
             raise ConfigError(f"backbone.num_layers={num_layers}: {name} has only {len(layers)} layers")
         self._adopt(model, name, pooling)

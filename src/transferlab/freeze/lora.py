@@ -2,6 +2,12 @@
 ΔW = (alpha / r) · B A is learned next to each targeted Linear (attention query and value by
 default), plus the new head.
 
+`target_modules: null` (the default) resolves by architecture, from the module names the backbone
+has (`default_targets`): BERT-style encoders get [query, value] (the LoRA paper's choice, and what
+the cache keys of earlier runs hold); GPT-2 its fused attention and MLP projections (transformers'
+Conv1D, a Linear stored transposed: peft adapts it with fan_in_fan_out); Llama / Qwen / Mistral
+(and OPT) every attention and MLP projection.
+
 The adapters are injected by `adapt_backbone`, which the experiment calls after the source stage
 and before the target stage. peft wraps each targeted nn.Linear as `base_layer` (the very same
 Parameter objects, now under `...query.base_layer.weight`) and initializes B = 0, so at injection
@@ -21,11 +27,20 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from transferlab.config import Positive, PositiveInt, Probability
 from transferlab.errors import ConfigError, TransferlabError
 from transferlab.freeze.base import FreezePolicy
-from transferlab.config import Positive, PositiveInt, Probability
 
 ADAPTER_PREFIX = "lora_"  # peft names adapter parameters ...lora_A.default.weight / lora_B...
+
+
+# By architecture: the family with the most of its names in the backbone; those names are kept.
+FAMILY_TARGETS = (
+    ("query", "value"),  # BERT / RoBERTa / MiniLM / ELECTRA
+    ("c_attn", "c_proj", "c_fc"),  # GPT-2 (Conv1D)
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # Llama, Qwen, Mistral
+    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # OPT
+)
 
 
 def is_adapter(name: str) -> bool:
@@ -38,23 +53,40 @@ def targets(backbone: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]
             if any(path == n or path.endswith("." + n) for n in names)]
 
 
-class LoRA(FreezePolicy):
-    def __init__(self, r: PositiveInt, alpha: Positive, dropout: Probability, target_modules: list[str]):
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target_modules = list(target_modules)
+def default_targets(backbone: nn.Module) -> list[str] | None:
+    present = [[name for name in family if targets(backbone, [name])] for family in FAMILY_TARGETS]
+    best = max(present, key=len)  # ties: the earlier family
+    return best or None
 
-    def check(self, num_blocks: int, epochs: int) -> None:
-        self._require(self.r >= 1, f"freeze.r={self.r}: must be >= 1")
-        self._require(self.alpha > 0, f"freeze.alpha={self.alpha}: must be > 0")
-        self._require(0 <= self.dropout < 1, f"freeze.dropout={self.dropout}: must be in [0, 1)")
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+class LoRA(FreezePolicy):
+    def __init__(self, r: PositiveInt, alpha: Positive, dropout: Probability, target_modules: list[str] | None = None):
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = None if target_modules is None else list(target_modules)
+
+    def resolve_targets(self, backbone: nn.Module) -> None:
+        """`target_modules: null` → the architecture's default, fixed from here on (before
+        `adapter_settings` enters a cache key)."""
+        if self.target_modules is None:
+            self.target_modules = default_targets(backbone)
+            if self.target_modules is None:
+                raise ConfigError(f"freeze.target_modules=null: {type(backbone).__name__} has no query/value, c_attn "
+                                  "or q_proj modules to default to; LoRA needs a transformer backbone "
+                                  "(backbone=minilm, hf or hf_causal), or name its Linear layers")
 
     def check_backbone(self, backbone: nn.Module) -> None:
+        self.resolve_targets(backbone)
         found = targets(backbone, self.target_modules)
         key = f"freeze.target_modules={self.target_modules}"
         if not found:
             raise ConfigError(f"{key}: {type(backbone).__name__} has no module of these names; LoRA needs a "
-                              "transformer backbone (backbone=minilm or hf) whose Linear layers they name")
-        not_linear = [path for path, m in found if not isinstance(m, nn.Linear)]
+                              "transformer backbone (backbone=minilm, hf or hf_causal) whose Linear layers they name")
+        not_linear = [path for path, m in found if not (isinstance(m, nn.Linear) or is_conv1d(m))]
         if not_linear:
             raise ConfigError(f"{key}: {not_linear[0]} is not a Linear layer; name Linear layers "
                               "(e.g. query, key, value, dense)")
@@ -71,8 +103,10 @@ class LoRA(FreezePolicy):
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError:
             raise TransferlabError("freeze=lora needs peft: pip install -e '.[nlp]'") from None
+        self.resolve_targets(backbone)
+        transposed = [is_conv1d(m) for _, m in targets(backbone, self.target_modules)]
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=self.target_modules)
+                            target_modules=self.target_modules, fan_in_fan_out=any(transposed))
         # A's random init from its own seed: the same adapters (and the same EWC Fisher, which
         # depends on A) whether the source stage was trained just now or came from the cache.
         with torch.random.fork_rng():

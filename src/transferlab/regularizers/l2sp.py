@@ -21,7 +21,9 @@ class L2SP(Regularizer):
         self.alpha, self.beta = alpha, beta
 
     def attach(self, ctx: MethodContext) -> None:
-        self.shared = list(ctx.backbone.parameters())
+        # What can train this stage (the freeze policy's setup ran before): the rest never moves,
+        # so its penalty is 0, and anchors for it would copy the whole model (LoRA: adapters only).
+        self.shared = [p for p in ctx.backbone.parameters() if p.requires_grad]
         self.anchors = [p.detach().clone() for p in self.shared]
         self.head = list(ctx.head.parameters())
 
@@ -36,6 +38,6 @@ class L2SP(Regularizer):
     def penalty(self) -> torch.Tensor:
         moving = [(p, a) for p, a in zip(self.shared, self.anchors) if p.requires_grad]
         drift = torch._foreach_sub([p for p, _ in moving], [a for _, a in moving]) if moving else []
-        device = self.shared[0].device
+        device = (self.shared or self.head)[0].device  # linear probe: no backbone parameter trains
         return (self.alpha / 2 * sum_of_squares(drift, device)
                 + self.beta / 2 * sum_of_squares(self.head, device))

@@ -146,9 +146,36 @@ def stage_device(trainer_cfg) -> torch.device:
     return torch.device("cuda" if uses_cuda(trainer_cfg) else "cpu")
 
 
+# -- FSDP (trainer=fsdp) -------------------------------------------------------------------------
+FSDP_STRATEGY = "fsdp_layers"
+
+
+def wrap_transformer_layers(module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP auto-wrap policy: every transformers layer (decoder or encoder layers all derive from
+    GradientCheckpointingLayer) is its own FSDP unit, gathered only while it runs."""
+    if recurse:
+        return True
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+def register_fsdp_strategy() -> None:
+    """`trainer.strategy=fsdp_layers`: Lightning's FSDPStrategy with the policy above, by name, so
+    the trainer config stays a string (Lightning keeps use_orig_params=True: LoRA's frozen base
+    weights and trainable adapters share a layer)."""
+    from pytorch_lightning.strategies import FSDPStrategy, StrategyRegistry
+
+    if FSDP_STRATEGY not in StrategyRegistry:
+        StrategyRegistry.register(FSDP_STRATEGY, FSDPStrategy, description="FSDP, one unit per transformer layer",
+                                  auto_wrap_policy=wrap_transformer_layers)
+
+
 def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.Callback],
                  run_dir: Path) -> pl.Trainer:
     t = cfg.trainer
+    if t.strategy == FSDP_STRATEGY:
+        register_fsdp_strategy()
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator=t.accelerator,
