@@ -71,3 +71,21 @@ def test_ddp_jobs_inside_a_multirun(tmp_path):
         results = json.loads(path.read_text())
         assert results["status"] == "completed" and results["provenance"]["world_size"] == 2
     assert result.stdout.count("Launching 2 jobs locally") == 1
+
+
+# Loss-term methods: each rank's term is a mean over its share of the global batch, so DDP's
+# gradient average is the one-process gradient. (BSS is not: its singular values are of each
+# rank's half batch, a per-rank statistic like BatchNorm's.)
+@pytest.mark.parametrize("method", ["regularizer=lwf", pytest.param("regularizer=co_tuning", marks=pytest.mark.slow),
+                                    pytest.param("regularizer=delta regularizer.attention=false",
+                                                 marks=pytest.mark.slow)])
+def test_loss_term_methods_match_one_process(tmp_path, method):
+    run = ["logger=csv", "backbone=mlp", "backbone.hidden=[32,32]", *method.split(), "source.epochs=1", "target.epochs=2"]
+    single = transferlab(*run, f"hydra.run.dir={tmp_path / 'one'}", f"cache.dir={tmp_path / 'c1'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = transferlab(*run, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}", f"cache.dir={tmp_path / 'c2'}",
+                      cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "ddp"))
+    for key in ("target/test_acc", "target/val_acc", "source/test_acc_after"):
+        assert abs(one[key] - two[key]) <= TOLERANCE["acc"], key

@@ -385,8 +385,11 @@ def test_fsdp_without_cuda_is_one_line(tmp_path, saved_gpt2):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: this checks the CPU-only refusal")
     # torch's FSDP itself refuses CPUs ("FSDP needs a non-CPU accelerator device"): one line first
+    from transferlab.collectives import check_devices
+
+    validate(cfg)
     with pytest.raises(ConfigError, match="no CUDA GPU is visible") as e:
-        validate(cfg)
+        check_devices(cfg.trainer)  # what run_experiment and launch check right after validate
     assert "\n" not in str(e.value)
     cpu = run_cfg(tmp_path, saved_gpt2, "experiment=tweets_sentiment", "trainer.strategy=fsdp_layers")
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp_layers needs CUDA GPUs"):

@@ -100,8 +100,10 @@ def test_lora_needs_named_linear_layers():
         lora().check_backbone(SmallCNN((1, 8, 8), channels=[4]))
     with pytest.raises(ConfigError, match=r"freeze.target_modules=\['attention'\].*not a Linear"):
         LoRA(8, 16, 0.0, ["attention"]).check_backbone(MiniLM(num_layers=1))
-    with pytest.raises(ConfigError, match="freeze.r=0"):
-        LoRA(0, 16, 0.0, ["query"]).check(2, 1)
+    from transferlab.config import validate
+
+    with pytest.raises(ConfigError, match="freeze.r=0: must be > 0"):  # the signature's PositiveInt
+        validate(compose_config(["freeze=lora", "freeze.r=0"]))
 
 
 # -- penalties apply to what trains ---------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""DELTA (Li et al., ICLR 2019): keep the *behaviour* of chosen backbone blocks, not their weights.
+
+    Ω = alpha · mean_n Σ_j Σ_c W_jc ‖F_jc(w, x_n) − F_jc(w⁰, x_n)‖²  +  beta/2 · ‖w_head‖²
+
+F_jc is channel c of block j's output (images: a feature map, summed over positions; text: one
+hidden unit, summed over tokens), w⁰ the weights at the start of the target stage — computed per
+batch by a frozen copy in eval mode. The mean over the batch keeps alpha independent of the
+batch size (TLlib sums over the batch instead).
+
+- `attention: false` (TLlib's BehavioralRegularization): W_jc = 1.
+- `attention: true`: W_j = C_j · softmax_c(Δ_jc), Δ_jc the increase of the target loss when
+  channel c of block j is zeroed, measured once (cached) at the start weights with a linear
+  probe fitted on the start features of up to `attention_examples` target training examples.
+  The factor C_j makes the weights average 1, so alpha means the same in both variants (TLlib's
+  `c * attention`). It costs one forward of those examples per channel of the chosen blocks.
+
+The beta term pulls the new head toward 0 (as L2-SP's), added as an exact gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from transferlab.config import NonNegative, PositiveInt
+from transferlab.errors import ConfigError
+from transferlab.method import SOURCE_MODEL, TARGET_DATA, MethodContext, Step
+from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
+from transferlab.tasks import evaluating, to_device
+
+
+def channels_last(output) -> torch.Tensor:
+    """A block's output as (N, positions, channels): images (N, C, H, W), text (N, L, d), (N, d)."""
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    if out.ndim == 4:
+        return out.flatten(2).transpose(1, 2)
+    return out if out.ndim == 3 else out.unsqueeze(1)
+
+
+class BlockOutputs:
+    """Forward hooks that keep the outputs of `blocks` during one forward pass."""
+
+    def __init__(self, backbone, blocks: list[int]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = [backbone.blocks[j].register_forward_hook(self._keep(j)) for j in blocks]
+
+    def _keep(self, j):
+        def hook(module, inputs, output):
+            self.outputs[j] = channels_last(output)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def first(x, k: int):
+    """The first k examples of a batch's inputs (a tensor, or a dict of tensors for text)."""
+    return {key: v[:k] for key, v in x.items()} if isinstance(x, dict) else x[:k]
+
+
+def zero_channel(c: int):
+    """A forward hook that zeroes channel c of a block's output (dim 1 of a feature map, the last
+    dim of token states)."""
+    def hook(module, inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        out = out.clone()
+        out.select(1 if out.ndim == 4 else -1, c).zero_()
+        return (out, *output[1:]) if isinstance(output, (tuple, list)) else out
+    return hook
+
+
+class DELTA(Regularizer):
+    has_loss_term = True
+
+    def __init__(self, alpha: NonNegative = 0.01, beta: NonNegative = 0.01, blocks: Optional[list[int]] = None,
+                 attention: bool = True, attention_examples: PositiveInt = 256):
+        self.alpha, self.beta, self.attention, self.attention_examples = alpha, beta, attention, attention_examples
+        self.block_choice = blocks
+        self.statistics_inputs = (SOURCE_MODEL, TARGET_DATA) if attention else ()
+        self.channel_weights: list[torch.Tensor] | None = None
+
+    def statistics_settings(self) -> dict:
+        return {"blocks": self.block_choice, "attention_examples": self.attention_examples}
+
+    def blocks(self, backbone) -> list[int]:
+        n = len(backbone.blocks)
+        chosen = [n - 1] if self.block_choice is None else [j % n if -n <= j < n else j for j in self.block_choice]
+        outside = [j for j in chosen if not 0 <= j < n]
+        if outside:
+            raise ConfigError(f"regularizer.blocks={self.block_choice}: block {outside[0]} is out of range; "
+                              f"the backbone has {n} blocks (0..{n - 1}, or -1 for the last)")
+        return sorted(set(chosen))
+
+    # -- channel attention, once, at the start weights ---------------------------------------------
+    @torch.no_grad()
+    def compute_statistics(self, ctx: MethodContext) -> dict[str, torch.Tensor]:
+        from sklearn.linear_model import LogisticRegression
+
+        if ctx.task is not None and ctx.task.token_level:
+            raise ConfigError("regularizer=delta attention=true: the target task is token classification; "
+                              "use regularizer.attention=false")
+        backbone, blocks = ctx.backbone, self.blocks(ctx.backbone)
+        with evaluating(backbone) as device:
+            batches, n = [], 0  # at most attention_examples target training examples, in order
+            for batch in ctx.target_loader():
+                x, y = to_device(batch, device)[:2]
+                keep = min(len(y), self.attention_examples - n)
+                batches.append((first(x, keep), y[:keep]))
+                n += keep
+                if n >= self.attention_examples:
+                    break
+            features = torch.cat([backbone(x).float() for x, _ in batches]).cpu().numpy()
+            labels = torch.cat([y for _, y in batches]).cpu().numpy()
+            probe = LogisticRegression(max_iter=1000).fit(features, labels)
+            weight = torch.as_tensor(probe.coef_, dtype=torch.float32, device=device)
+            bias = torch.as_tensor(probe.intercept_, dtype=torch.float32, device=device)
+            if weight.shape[0] == 1:  # scikit-learn's binary case: one row, for the second class
+                weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+            classes = torch.as_tensor(probe.classes_, device=device)
+            targets = [torch.searchsorted(classes, y) for _, y in batches]
+
+            def probe_loss() -> float:
+                return sum(F.cross_entropy(backbone(x).float() @ weight.T + bias, t, reduction="sum").item()
+                           for (x, _), t in zip(batches, targets)) / n
+
+            base = probe_loss()
+            outputs = BlockOutputs(backbone, blocks)
+            backbone(batches[0][0])
+            outputs.remove()
+            stats = {}
+            for j in blocks:
+                width = outputs.outputs[j].shape[-1]
+                increase = torch.zeros(width)
+                for c in range(width):
+                    handle = backbone.blocks[j].register_forward_hook(zero_channel(c))
+                    try:
+                        increase[c] = max(probe_loss() - base, 0.0)
+                    finally:
+                        handle.remove()
+                stats[f"block{j}"] = width * torch.softmax(increase, 0)
+        return stats
+
+    def use_statistics(self, stats: dict[str, torch.Tensor], ctx: MethodContext) -> None:
+        blocks = self.blocks(ctx.backbone)
+        if sorted(stats) != sorted(f"block{j}" for j in blocks):
+            raise ValueError("DELTA: channel attention for other blocks")
+        self.channel_weights = [stats[f"block{j}"] for j in blocks]
+
+    # -- the target stage ----------------------------------------------------------------------
+    def attach(self, ctx: MethodContext) -> None:
+        backbone = ctx.backbone
+        self.block_ids = self.blocks(backbone)
+        if self.attention and self.channel_weights is None:
+            raise ConfigError("regularizer=delta attention=true needs a source stage (channel attention from the "
+                              "source model): use source=train, or regularizer.attention=false")
+        # The start weights' behaviour, in eval mode, never trained; hooks on both copies.
+        self.start = copy.deepcopy(backbone).eval().requires_grad_(False)
+        self.start_outputs = BlockOutputs(self.start, self.block_ids)
+        self.outputs = BlockOutputs(backbone, self.block_ids)
+        self.head = list(ctx.head.parameters())
+        if self.channel_weights is not None:
+            device = next(backbone.parameters()).device
+            self.channel_weights = [w.to(device) for w in self.channel_weights]
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.outputs.remove()
+        self.start_outputs.remove()
+        self.start = None
+
+    def loss_term(self, step: Step) -> torch.Tensor:
+        with torch.no_grad():
+            self.start.to(step.features.device)(step.x)
+        total = step.features.new_zeros(())
+        for i, j in enumerate(self.block_ids):
+            now, start = self.outputs.outputs[j], self.start_outputs.outputs[j]
+            per_channel = (now - start).square().sum(1)  # (N, channels)
+            if self.channel_weights is not None:
+                per_channel = per_channel * self.channel_weights[i]
+            total = total + per_channel.sum(1).mean()
+        return self.alpha * total
+
+    def add_penalty_grad_(self) -> None:
+        grads, params = with_grads(self.head)
+        if grads:
+            torch._foreach_add_(grads, params, alpha=self.beta)
+
+    def penalty(self) -> torch.Tensor:
+        return self.beta / 2 * sum_of_squares(self.head)

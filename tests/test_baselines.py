@@ -1,0 +1,133 @@
+"""DELTA and model soups, against hand computations from their papers' definitions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from transferlab.backbones.cnn import SmallCNN
+from transferlab.data.loaders import make_loader
+from transferlab.experiment import run_experiment
+from transferlab.method import MethodContext, Step
+from transferlab.regularizers.delta import DELTA
+from transferlab.soup import average, make_soups
+from transferlab.tasks import Classification
+
+
+def block_output(backbone, x, j, zero_channel=None):
+    """Block j's output computed by running the blocks one by one (no hooks)."""
+    for i, block in enumerate(backbone.blocks[: j + 1]):
+        x = block(x)
+    if zero_channel is not None:
+        x = x.clone()
+        x[:, zero_channel] = 0
+    return x
+
+
+def finish(backbone, x, j):
+    for block in backbone.blocks[j + 1:]:
+        x = block(x)
+    return backbone.pool(x)
+
+
+def test_delta_attention_free_loss_is_the_feature_map_distance():
+    torch.manual_seed(0)
+    backbone, head = SmallCNN((1, 8, 8), channels=[4, 6]), torch.nn.Linear(6, 3)
+    start = SmallCNN((1, 8, 8), channels=[4, 6])
+    start.load_state_dict(backbone.state_dict())
+    delta = DELTA(alpha=0.3, beta=0.0, blocks=[0, 1], attention=False)
+    delta.attach(MethodContext(backbone=backbone, head=head))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(5, 1, 8, 8)
+    backbone.eval(), start.eval()
+    features = backbone(x)
+    got = delta.loss_term(Step(x, None, None, features, head(features), None))
+    want = 0.3 * sum(((block_output(backbone, x, j) - block_output(start, x, j)) ** 2).flatten(1).sum(1).mean()
+                     for j in (0, 1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got, backbone.blocks[0][0].weight)
+    (g_want,) = torch.autograd.grad(want, backbone.blocks[0][0].weight)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-4)
+
+
+def test_delta_channel_attention_matches_zeroing_each_channel_by_hand():
+    from sklearn.linear_model import LogisticRegression
+
+    torch.manual_seed(0)
+    backbone = SmallCNN((1, 8, 8), channels=[4, 5]).eval()
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
+    ctx = MethodContext(backbone=backbone, task=Classification(3),
+                        target_loader=lambda: make_loader((x, y), 16, shuffle=False))
+    delta = DELTA(blocks=[0], attention=True, attention_examples=30)
+    stats = delta.compute_statistics(ctx)
+    with torch.no_grad():
+        f = backbone(x[:30])
+        probe = LogisticRegression(max_iter=1000).fit(f.numpy(), y[:30].numpy())
+        w, b = torch.tensor(probe.coef_, dtype=torch.float32), torch.tensor(probe.intercept_, dtype=torch.float32)
+        loss = lambda feats: F.cross_entropy(feats @ w.T + b, y[:30]).item()  # noqa: E731
+        base = loss(f)
+        increase = torch.tensor([max(loss(finish(backbone, block_output(backbone, x[:30], 0, c), 0)) - base, 0.0)
+                                 for c in range(4)])
+    torch.testing.assert_close(stats["block0"], 4 * torch.softmax(increase, 0), atol=1e-4, rtol=1e-4)
+    assert stats["block0"].mean().item() == pytest.approx(1.0)  # weights average 1: alpha means the same
+
+
+def test_delta_block_out_of_range_names_the_key():
+    backbone = SmallCNN((1, 8, 8), channels=[4, 5])
+    with pytest.raises(Exception, match=r"regularizer.blocks=\[7\]: block 7 is out of range"):
+        DELTA(blocks=[7], attention=False).blocks(backbone)
+
+
+@pytest.mark.parametrize("attention", ["true", "false"])
+def test_delta_runs_end_to_end(make_cfg, tmp_path, attention):
+    m = run_experiment(make_cfg("regularizer=delta", f"regularizer.attention={attention}", "regularizer.alpha=0.1",
+                                "source.epochs=1", "target.epochs=2"), tmp_path / "run")["metrics"]
+    assert m["target/test_acc"] > 0.5
+    assert ("cache/delta_statistics_hit" in m) == (attention == "true")
+
+
+# -- model soups -------------------------------------------------------------------------------------
+def test_uniform_soup_of_identical_ingredients_is_the_ingredient():
+    state = {"w": torch.randn(3, 4), "count": torch.tensor(7)}
+    soup = average([state, {k: v.clone() for k, v in state.items()}, state])
+    torch.testing.assert_close(soup["w"], state["w"], atol=1e-7, rtol=0)
+    assert soup["count"] == 7
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Three target learning rates from one source stage and seed (the stage cache shares it)."""
+    from conftest import FAST, compose_config
+
+    root = tmp_path_factory.mktemp("soup")
+    for i, lr in enumerate(["1e-2", "3e-3", "1e-2"]):
+        cfg = compose_config(FAST + [f"paths.output_root={root / 'out'}", f"target.lr={lr}", "target.epochs=2"])
+        run_experiment(cfg, root / "sweep" / str(i))
+    return root / "sweep"
+
+
+def test_soups_of_a_sweep(sweep):
+    result = make_soups(sweep)
+    soups, val = result["soups"], result["val"]
+    assert soups["greedy soup"]["val_acc"] >= max(val.values())  # greedy never lowers val
+    assert len(soups["uniform soup"]["ingredients"]) == 3
+    runs = [json.loads((sweep / str(i) / "results.json").read_text())["metrics"] for i in range(3)]
+    best = soups["best single ingredient (selected on val)"]
+    assert best["test_acc"] in [r["target/test_acc"] for r in runs]
+    # runs 0 and 2 are the same config: their soup is either of them
+    assert runs[0]["target/test_acc"] == runs[2]["target/test_acc"]
+    assert (sweep / "soup.md").read_text().startswith("# Model soups")
+
+
+def test_soup_refuses_runs_from_different_starts(make_cfg, tmp_path):
+    for seed in (0, 1):
+        run_experiment(make_cfg(f"seed={seed}", "source.epochs=1", "target.epochs=1"), tmp_path / "sweep" / str(seed))
+    with pytest.raises(Exception, match="do not share one starting point"):
+        make_soups(tmp_path / "sweep")
