@@ -27,6 +27,17 @@ from transferlab.stages.target import target_module
 from transferlab.tasks import Classification, TokenClassification, confusion_scores, task_of
 
 
+def source_stage_of(cfg, run_dir):
+    """The run's data, and its source stage (backbone + kept head) loaded from source.pt."""
+    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0)
+    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
+    source = torch.load(run_dir / "checkpoints" / "source.pt", weights_only=True)
+    backbone.load_state_dict(source["backbone"])
+    head = classification_head(backbone.feature_dim, 5)
+    head.load_state_dict(source["head"])
+    return data, backbone, head, source
+
+
 # -- tasks own their metrics ---------------------------------------------------------------------
 def test_confusion_scores_equal_scikit_learn():
     from sklearn.metrics import accuracy_score, f1_score
@@ -73,12 +84,7 @@ def test_transferability_scores_come_from_the_start_of_target_features(make_cfg,
 
     cfg = make_cfg("source.epochs=1", "target.epochs=1")
     m = run_experiment(cfg, tmp_path / "run")["metrics"]
-    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0)
-    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
-    source = torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)
-    backbone.load_state_dict(source["backbone"])
-    head = classification_head(backbone.feature_dim, 5)
-    head.load_state_dict(source["head"])
+    data, backbone, head, _ = source_stage_of(cfg, tmp_path / "run")
     with torch.no_grad():
         features = backbone.eval()(data.target.train[0])
         expected = transferability_scores(features, data.target.train[1], torch.softmax(head(features), -1))
@@ -190,12 +196,7 @@ def test_lwf_run_keeps_the_teacher_fixed_and_trains_the_source_head(make_cfg, tm
     m = run_experiment(cfg, tmp_path / "run")["metrics"]
     assert len(seen) > 10 and all(torch.equal(t, seen[0]) for t in seen), "teacher logits change during the stage"
     # The teacher: the kept source head on the target training inputs, at the source weights, eval mode.
-    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0)
-    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
-    source = torch.load(tmp_path / "run" / "checkpoints" / "source.pt", weights_only=True)
-    backbone.load_state_dict(source["backbone"])
-    head = classification_head(backbone.feature_dim, 5)
-    head.load_state_dict(source["head"])
+    data, backbone, head, source = source_stage_of(cfg, tmp_path / "run")
     with torch.no_grad():
         teacher = head(backbone.eval()(data.target.train[0]))
     torch.testing.assert_close(seen[0], teacher, atol=1e-5, rtol=1e-5)
@@ -322,3 +323,42 @@ def test_regularizers_compose_each_with_its_own_coefficient(make_cfg, tmp_path):
         from transferlab.config import validate
 
         validate(make_cfg("+regularizer@extra_regularizers.bss=bss", "extra_regularizers.bss.eta=-1"))
+
+
+# -- generalization: an out-of-distribution test split --------------------------------------------
+def test_ood_shift_is_scored_on_the_shifted_test_split(make_cfg, tmp_path):
+    cfg = make_cfg("data.ood_shift={_target_:transferlab.data.shifts.invert}", "source.epochs=1", "target.epochs=1")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    data = make_transfer_data(instantiate(cfg.data.dataset), cfg.data, seed=0)
+    x, y = data.target.ood_test
+    torch.testing.assert_close(x, 1 - data.target.test[0])
+    assert torch.equal(y, data.target.test[1])
+    backbone = instantiate(cfg.backbone, input_shape=data.input_shape)
+    target = torch.load(tmp_path / "run" / "checkpoints" / "target.pt", weights_only=True)
+    backbone.load_state_dict(target["backbone"])
+    head = classification_head(backbone.feature_dim, 5)
+    head.load_state_dict(target["head"])
+    with torch.no_grad():
+        predicted = head(backbone.eval()(x)).argmax(1)
+    assert m["target/ood_test_acc"] == pytest.approx(float((predicted == y).float().mean()))
+    assert m["data/target_ood_test_size"] == len(y)
+
+
+def test_ood_domains_are_held_out_domains_of_the_target_classes():
+    from omegaconf import OmegaConf
+
+    from transferlab.data import LabelledPool
+
+    rng = np.random.default_rng(0)
+    domain = np.repeat([0, 1, 2], 200)
+    y = rng.integers(0, 3, 600)
+    x = np.stack([np.full((2,), d, dtype=np.float32) for d in domain])  # an example's pixels name its domain
+    pool = LabelledPool(x, y, None, None, ["a", "b", "c"], "toy", domain_train=domain, domain_names=["d0", "d1", "d2"])
+    cfg = compose_config(["data.source_classes=[0,1,2]", "data.target_classes=[0,1,2]", "data.source_domains=[d0]",
+                          "data.target_domains=[d1]", "data.ood_domains=[d2]", "data.ood_test_size=50"]).data
+    data = make_transfer_data(pool, cfg, seed=0)
+    ox, oy = data.target.ood_test
+    assert len(oy) == 50 and torch.all(ox == 2) and set(oy.tolist()) <= {0, 1, 2}
+    overlapping = OmegaConf.merge(cfg, {"ood_domains": ["d0"]})
+    with pytest.raises(Exception, match=r"data.ood_domains=\['d0'\]: \['d0'\] also train the source or the target"):
+        make_transfer_data(pool, overlapping, seed=0)

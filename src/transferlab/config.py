@@ -69,6 +69,13 @@ class DataConfig:
     # source_domains and source_train_size then apply to it, and the target comes from `dataset`
     # (sentiment → NER). None: both tasks are cut from `dataset`.
     source_dataset: Any = None
+    # Generalization: an out-of-distribution test split of the target task, scored as
+    # target/ood_test_<metric> — held-out domains of the pool (text: ood_domains: [airline]),
+    # at most ood_test_size examples, or the target test split under a label-preserving shift
+    # ({_target_: transferlab.data.shifts.gaussian_noise, sigma: 0.3}).
+    ood_domains: List[str] = field(default_factory=list)
+    ood_test_size: Optional[int] = 2000
+    ood_shift: Any = None
 
 
 class SourceMode(Enum):
@@ -290,7 +297,7 @@ def check_value(where: str, value, hint, *, coefficients: bool = False) -> None:
         raise ConfigError(f"{where}={value}: must be a string")
 
 
-COMPONENTS = ("backbone", "freeze", "data.dataset", "data.source_dataset", "source.optimizer", "source.scheduler",
+COMPONENTS = ("backbone", "freeze", "data.dataset", "data.source_dataset", "data.ood_shift", "source.optimizer", "source.scheduler",
               "target.optimizer", "target.scheduler")
 
 
@@ -372,7 +379,7 @@ def validate(cfg) -> None:
         value = cfg.data[key]
         if not 0 < value < 1:
             raise ConfigError(f"data.{key}={value}: must be in (0, 1)")
-    for key in ("source_train_size", "target_train_size"):
+    for key in ("source_train_size", "target_train_size", "ood_test_size"):
         value = cfg.data[key]
         if value is not None and value < 1:
             raise ConfigError(f"data.{key}={value}: must be >= 1 (or null for all)")

@@ -9,6 +9,7 @@ API), without a subprocess. `run_stages` is that list, one call per stage.
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def same_config(previous: dict, current: dict) -> bool:
 # Keys added since runs were first recorded, with the value that reproduces what those runs did.
 NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
                     ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER,
-                    ("evaluate",): {"transferability": True, "wise_ft_alphas": []}}
+                    ("evaluate",): {"transferability": True, "wise_ft_alphas": []}, ("data", "ood_test_size"): 2000}
 
 
 def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) -> dict:
@@ -322,8 +323,16 @@ def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, metri
     started = time.time()
     target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer, run_dir,
                                        context, setup.extra_regularizers)
-    metrics["time/target_fit_s"] = round(time.time() - started, 3)
+    elapsed = time.time() - started
+    metrics["time/target_fit_s"] = round(elapsed, 3)
     metrics.update(info)
+    # Efficiency: training examples per second of the target fit (epochs run × train size), and
+    # the process's peak memory (RSS; on CUDA also the allocator's peak).
+    metrics["efficiency/target_samples_per_s"] = round(
+        info["target/epochs_run"] * setup.data.target.sizes()["train"] / max(elapsed, 1e-9), 1)
+    metrics["efficiency/peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics["efficiency/peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     fault_point("after:target")
     return target_model
 
@@ -335,6 +344,10 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
     target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
     scores = context.task.evaluate(target_model.to(device), target_test)
     metrics.update({f"target/test_{k}": v for k, v in scores.items()})
+    if data.target.ood_test is not None:  # generalization: held-out domains or a shifted test split
+        ood = context.task.evaluate(target_model, make_loader(data.target.ood_test, EVAL_BATCH, shuffle=False))
+        metrics.update({f"target/ood_test_{k}": v for k, v in ood.items()})
+        metrics["data/target_ood_test_size"] = len(data.target.ood_test[1])
     if source_model is not None:
         after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
         metrics.update({f"source/test_{k}_after": v for k, v in after.items()})
@@ -362,11 +375,14 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
     start = context.start_weights
     val = make_loader(data.target.val, EVAL_BATCH, shuffle=False)
     test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
+    ood = make_loader(data.target.ood_test, EVAL_BATCH, shuffle=False) if data.target.ood_test is not None else None
     chosen = None
     for alpha in sorted(set(cfg.evaluate.wise_ft_alphas)):
         backbone.load_state_dict(interpolate(start, tuned, alpha))
         scores = {f"target/val_{k}": v for k, v in task.evaluate(target_model.to(device), val).items()}
         scores |= {f"target/test_{k}": v for k, v in task.evaluate(target_model, test).items()}
+        if ood is not None:
+            scores |= {f"target/ood_test_{k}": v for k, v in task.evaluate(target_model, ood).items()}
         if source_model is not None:
             after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
             scores["source/test_acc"] = after["acc"]
@@ -377,7 +393,7 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
             chosen = (alpha, primary, scores)
     backbone.load_state_dict(tuned)  # the run's own model again
     metrics["wise_ft/best_alpha"] = chosen[0]
-    metrics.update({f"wise_ft/{k}": v for k, v in chosen[2].items() if "/test_" in k or k == "transfer/forgetting"})
+    metrics.update({f"wise_ft/{k}": v for k, v in chosen[2].items() if "test_" in k or k == "transfer/forgetting"})
 
 
 def interpolate(start: dict, tuned: dict, alpha: float) -> dict:

@@ -65,8 +65,9 @@ def ingredients(sweep_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def average(states: list[dict]) -> dict:
-    """The mean of state dicts (floating tensors; integer counters from the first)."""
-    return {k: (sum(s[k] for s in states) / len(states)) if v.is_floating_point() else v
+    """The mean of state dicts (floating tensors, summed in float64 — so a soup of identical
+    ingredients is that ingredient exactly; integer counters from the first)."""
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
             for k, v in states[0].items()}
 
 

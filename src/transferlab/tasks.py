@@ -52,6 +52,18 @@ def evaluating(model: nn.Module):
         model.train(was_training)
 
 
+@torch.no_grad()
+def outputs(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of `model` on every batch of `loader`, in eval mode, on the CPU."""
+    logits, labels = [], []
+    with evaluating(model) as device:
+        for batch in loader:
+            x, y = to_device(batch, device)[:2]
+            logits.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
 class Task:
     """Subclasses define the loss, a tally (what one pass accumulates), and its scores."""
 

@@ -30,6 +30,13 @@ class TaskSplits:
     # label_names turns ids back into BIO tags for entity-level scoring.
     token_level: bool = False
     label_names: list[str] = field(default_factory=list)
+    # An out-of-distribution test split (data.ood_domains / data.ood_shift): the same classes from
+    # held-out domains, or the test split under a label-preserving shift. None: none.
+    ood_test: Optional[tuple] = None
+
+    @property
+    def evaluation_splits(self) -> tuple[str, ...]:
+        return ("train", "val", "test", "ood_test") if self.ood_test is not None else ("train", "val", "test")
 
     @property
     def num_classes(self) -> int:
@@ -111,8 +118,42 @@ def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed
     def as_tensors(x, y):  # text stays an array of strings until it meets the tokenizer
         return (x if pool.is_text else torch.from_numpy(np.ascontiguousarray(x))), torch.from_numpy(y)
 
+    ood = None
+    if name == "target" and (data_cfg.ood_domains or data_cfg.ood_shift is not None):
+        ood = as_tensors(*_ood_test(pool, classes, data_cfg, x_test, y_test, draw()))
     return TaskSplits(name, list(classes), as_tensors(x_train, y_train), as_tensors(x_val, y_val),
-                      as_tensors(x_test, y_test), domains)
+                      as_tensors(x_test, y_test), domains, ood_test=ood)
+
+
+def _ood_test(pool: LabelledPool, classes: list[int], data_cfg, x_test, y_test, seed: int):
+    """The target classes from `data.ood_domains` (held-out domains: neither the target's nor the
+    source's), at most `data.ood_test_size` of them (seeded); or, with `data.ood_shift`, the
+    target test split under that shift (a `_target_` function x, seed → x, labels unchanged)."""
+    if data_cfg.ood_shift is not None:
+        from hydra.utils import instantiate
+
+        if pool.is_text:
+            raise ConfigError("data.ood_shift: shifts transform image tensors; for text name held-out "
+                              "domains in data.ood_domains instead")
+        return instantiate(data_cfg.ood_shift, _partial_=True)(np.ascontiguousarray(x_test), seed=seed), y_test
+    ood_ids = _domain_ids(pool, "ood", list(data_cfg.ood_domains))
+    used = set(data_cfg.target_domains) | set(data_cfg.source_domains)
+    overlap = sorted(used & set(data_cfg.ood_domains))
+    if overlap:
+        raise ConfigError(f"data.ood_domains={list(data_cfg.ood_domains)}: {overlap} also train the source or the "
+                          "target; an out-of-distribution test needs held-out domains")
+    x_parts, y_parts = [_select(pool.x_train, pool.y_train, classes, pool.domain_train, ood_ids)], []
+    if pool.x_test is not None:
+        x_parts.append(_select(pool.x_test, pool.y_test, classes, pool.domain_test, ood_ids))
+    x = np.concatenate([part[0] for part in x_parts])
+    y = np.concatenate([part[1] for part in x_parts])
+    if len(y) == 0:
+        raise ConfigError(f"data.ood_domains={list(data_cfg.ood_domains)}: no examples of the target classes there")
+    size = data_cfg.ood_test_size
+    if size is not None and size < len(y):
+        keep = np.sort(np.random.default_rng(seed).choice(len(y), size, replace=False))
+        x, y = x[keep], y[keep]
+    return x, y
 
 
 def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> TaskSplits:

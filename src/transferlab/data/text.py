@@ -82,10 +82,10 @@ def tokenize_transfer_data(data: TransferData, tokenizer, max_length: int) -> Tr
         if t is None:
             return None
         if t.token_level:
-            splits = {s: tokenize_words(*getattr(t, s), tokenizer, max_length) for s in ("train", "val", "test")}
+            splits = {s: tokenize_words(*getattr(t, s), tokenizer, max_length) for s in t.evaluation_splits}
             return dataclasses.replace(t, **splits)
         splits = {s: (tokenize(getattr(t, s)[0], tokenizer, max_length), getattr(t, s)[1])
-                  for s in ("train", "val", "test")}
+                  for s in t.evaluation_splits}
         return dataclasses.replace(t, **splits)
 
     return dataclasses.replace(data, source=task(data.source), target=task(data.target))

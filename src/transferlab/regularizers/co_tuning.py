@@ -23,7 +23,7 @@ from transferlab.config import NonNegative
 from transferlab.errors import ConfigError
 from transferlab.method import SOURCE_MODEL, TARGET_DATA, MethodContext, Step
 from transferlab.regularizers.base import Regularizer
-from transferlab.tasks import evaluating, to_device
+from transferlab.tasks import outputs
 
 
 class CoTuning(Regularizer):
@@ -40,13 +40,8 @@ class CoTuning(Regularizer):
         if ctx.task is not None and ctx.task.token_level:
             raise ConfigError("regularizer=co_tuning: the target task is token classification (NER); the category "
                               "relationship is per example: use a sequence-level task")
-        probs, labels = [], []
-        with evaluating(ctx.source_model) as device:
-            for batch in ctx.target_loader():
-                x, y = to_device(batch, device)[:2]
-                probs.append(torch.softmax(ctx.source_model(x).double(), -1).cpu())
-                labels.append(y.cpu())
-        probs, labels = torch.cat(probs), torch.cat(labels)
+        logits, labels = outputs(ctx.source_model, ctx.target_loader())
+        probs = torch.softmax(logits.double(), -1)
         num_target = int(ctx.task.num_classes) if ctx.task is not None else int(labels.max()) + 1
         sums = torch.zeros(num_target, probs.shape[1], dtype=torch.float64).index_add_(0, labels, probs)
         counts = torch.bincount(labels, minlength=num_target).double()

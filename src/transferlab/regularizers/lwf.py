@@ -25,7 +25,7 @@ from transferlab.config import NonNegative, Positive
 from transferlab.errors import ConfigError
 from transferlab.method import SOURCE_MODEL, TARGET_DATA, MethodContext, Step
 from transferlab.regularizers.base import Regularizer
-from transferlab.tasks import evaluating, to_device
+from transferlab.tasks import outputs
 
 
 class LwF(Regularizer):
@@ -42,12 +42,7 @@ class LwF(Regularizer):
         if ctx.task is not None and ctx.task.token_level:
             raise ConfigError("regularizer=lwf: the target task is token classification (NER), whose "
                               "per-token features the sequence source head cannot read; use l2sp or ewc")
-        logits = []
-        with evaluating(ctx.source_model) as device:
-            for batch in ctx.target_loader():
-                x = to_device(batch, device)[0]
-                logits.append(ctx.source_model(x).float().cpu())
-        return {"teacher_logits": torch.cat(logits)}
+        return {"teacher_logits": outputs(ctx.source_model, ctx.target_loader())[0]}
 
     def use_statistics(self, stats: dict[str, torch.Tensor], ctx: MethodContext) -> None:
         teacher = stats["teacher_logits"]
