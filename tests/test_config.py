@@ -14,7 +14,8 @@ from transferlab.cli import CONF_DIR
 from transferlab.config import Signed, check_arguments, validate
 from transferlab.errors import ConfigError
 
-GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "trainer", "logger", "cache", "experiment", "debug"]
+GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "optimizer", "scheduler", "trainer", "logger", "cache",
+          "experiment", "study", "debug"]
 
 
 def all_options():
@@ -36,7 +37,9 @@ def test_every_option_composes_and_validates(group, option):
         with pytest.raises(ConfigError, match="no CUDA GPU is visible here"):
             check_devices(cfg.trainer)
         return
-    if group not in ("experiment", "debug"):
+    if group in ("optimizer", "scheduler"):  # placed at target.<group> (the source stage's: source.<group>)
+        assert cfg.target[group]._target_ and cfg.target[group]._partial_
+    elif group not in ("experiment", "study", "debug"):
         assert cfg[group] is not None
 
 

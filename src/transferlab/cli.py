@@ -122,7 +122,7 @@ usage:
 """
 
 HELP_GROUPS = ["data", "backbone", "freeze", "regularizer", "source", "optimizer", "scheduler", "trainer",
-               "logger", "cache", "experiment", "hparams_search", "debug"]
+               "logger", "cache", "experiment", "study", "hparams_search", "debug"]
 
 HELP_KNOBS = """\
 key knobs: seed (0 is a seed), name, target.{epochs,lr,weight_decay,batch_size,early_stopping_patience},

@@ -4,6 +4,7 @@ primary metric — is kept (the test split is not looked at)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -44,7 +45,11 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     callbacks = [m for m in methods if m.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
+    started = time.perf_counter()
     trainer = fit_stage(cfg, module, task, stage="target", epochs=cfg.target.epochs, batch_size=cfg.target.batch_size,
                         seed=cfg.seed + 1, callbacks=callbacks, run_dir=run_dir, loggers=loggers)
-    info = {monitor: best.best_score, "target/best_epoch": best.best_epoch, "target/epochs_run": trainer.current_epoch}
+    seconds = time.perf_counter() - started
+    info = {monitor: best.best_score, "target/best_epoch": best.best_epoch, "target/epochs_run": trainer.current_epoch,
+            # ≈ training examples per second (steps × batch size / fit time; a resumed fit overstates it)
+            "efficiency/target_samples_per_s": round(trainer.global_step * cfg.target.batch_size / seconds, 1)}
     return module, info
