@@ -111,6 +111,10 @@ def main() -> None:
         from transferlab.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "status":
+        from transferlab.status import main as status_main
+
+        sys.exit(status_main(sys.argv[2:]))
     register_schemas()
     hydra_entry()
 

@@ -167,7 +167,8 @@ def source_mode(cfg) -> str:
 def run_stages(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    cache = StageCache(cfg.cache.dir) if cfg.cache.enabled else None
+    cache = (StageCache(cfg.cache.dir, lock=cfg.cache.lock, stale_lock_s=cfg.cache.stale_lock_s)
+             if cfg.cache.enabled else None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     mode = source_mode(cfg)
     pool = build(cfg.data.dataset)

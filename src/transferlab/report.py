@@ -61,7 +61,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from transferlab.errors import TransferlabError
-from transferlab.results import RESULTS_FILE
+from transferlab.results import RESULTS_FILE, natural_key
 
 METRICS = ["target/test_acc", "target/val_acc", "transfer/forgetting", "transfer/gain"]
 STATUSES = ["completed", "failed", "running", "interrupted"]
@@ -71,6 +71,8 @@ NO_VALUE = "—"
 MISSING = object()  # a config key a run does not have
 MARKERS = "osD^vP*Xh<>p"  # one per setting in the trade-off plot
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster per overrides.yaml
+# A plain YAML scalar that is an override: key=value, no quote, flow or comment characters.
+PLAIN_OVERRIDE = re.compile(r"[A-Za-z_+~][\w.+~/@-]*=[^'\"#{}\[\]&*!|>%@`:,]*[^'\"#{}\[\]&*!|>%@`:,\s]|[A-Za-z_+~][\w.+~/@-]*=")
 LISTED_UNPAIRED = 10  # job names listed in the legend; per setting, the Pairing section says why
 
 
@@ -86,59 +88,78 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
     strings, or None without .hydra/overrides.yaml}.
     An unreadable results.json is a failed run whose error says so.
     """
-    root = Path(sweep_dir)
-    paths = sorted(find_results(root), key=lambda p: natural_key(p.parent.relative_to(root)))
-    return [load_run(path, root) for path in paths]
+    root = os.fspath(sweep_dir)
+    return [load_run(root, name) for name in sorted(find_run_dirs(root), key=natural_key)]
 
 
-def find_results(root: Path) -> list[Path]:
-    """Every results.json under root, not looking inside a run directory (one that holds a
-    results.json): a run's checkpoints/, csv/ and wandb/ are most of a sweep's directories."""
-    found, pending = [], [root]
+def find_run_dirs(root: str) -> list[str]:
+    """The directories under root holding a results.json, relative to root ("." for root itself).
+    It does not look inside a run directory: a run's checkpoints/, csv/ and wandb/ are most of a
+    sweep's directories. Plain strings: pathlib's parsing would cost as much as the reading."""
+    found, pending = [], [""]
     while pending:
-        folder = pending.pop()
+        rel = pending.pop()
+        folder = os.path.join(root, rel) if rel else root
+        if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
+            found.append(rel or ".")
+            if rel:
+                continue
         try:
-            entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) or e.name == RESULTS_FILE]
+            subdirs = [e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
         except OSError:
             continue
-        if any(e.name == RESULTS_FILE and e.is_file() for e in entries):
-            found.append(Path(folder) / RESULTS_FILE)
-            if folder != root:
-                continue
-        pending += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        pending += [f"{rel}/{name}" if rel else name for name in subdirs]
     return found
 
 
-def load_run(path: Path, root: Path) -> dict:
+def load_run(root: str, name: str) -> dict:
+    folder = os.path.join(root, name) if name != "." else root
     try:
-        results = json.loads(path.read_text())
+        with open(os.path.join(folder, RESULTS_FILE), "rb") as f:
+            results = json.loads(f.read())
     except (OSError, ValueError) as e:
         results = {"status": "failed", "error": f"unreadable {RESULTS_FILE}: {e}"}
     return {
-        "dir": path.parent,
-        "name": path.parent.relative_to(root).as_posix(),
+        "dir": Path(folder),
+        "name": name,
         "status": results.get("status"),
         "error": results.get("error"),
         "metrics": results.get("metrics") or {},
         "config": results.get("config") or {},
         "task": results.get("task") or {},
-        "overrides": read_overrides(path.parent / ".hydra" / "overrides.yaml"),
+        "overrides": read_overrides(os.path.join(folder, ".hydra", "overrides.yaml")),
     }
 
 
-def read_overrides(path: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
+def read_overrides(path: str) -> list[str] | None:
     try:
-        overrides = yaml.load(path.read_text(), Loader=YAML_LOADER) or []
-    except (OSError, yaml.YAMLError):
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    plain = plain_yaml_list(text)
+    if plain is not None:
+        return plain
+    try:
+        overrides = yaml.load(text, Loader=YAML_LOADER) or []
+    except yaml.YAMLError:
         return None
     return [str(o) for o in overrides] if isinstance(overrides, list) else None
 
 
-def natural_key(path: Path) -> list:
-    """'job10' after 'job2': digit runs compare as numbers (str/int alternate, so they line up)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
+def plain_yaml_list(text: str) -> list[str] | None:
+    """The items of a YAML list of plain key=value strings, as Hydra writes overrides.yaml
+    ("- seed=0"), read without a YAML parser (libyaml costs ~0.2 ms a file); None for anything
+    that needs one (quotes, flow collections, comments, anchors: then yaml reads it)."""
+    items = []
+    for line in text.splitlines():
+        if not line.startswith("- "):
+            return None
+        item = line[2:].strip()
+        if not PLAIN_OVERRIDE.fullmatch(item):
+            return None
+        items.append(item)
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
