@@ -135,24 +135,25 @@ def running_stage(job_dir: Path, config: dict) -> str:
 
 
 def log_times(job_dir: Path) -> list[float]:
-    """mtimes of checkpoints/* and csv/<stage>/version_*/metrics.csv: what a live job touches."""
+    """mtimes of the files a live job writes: checkpoints/*, csv/<stage>/metrics.csv (and one
+    level deeper, csv/<stage>/version_*/metrics.csv)."""
     times = []
-    candidates = [job_dir / "checkpoints"]
-    candidates += [Path(v) for stage in ("source", "target") for v in scandir_paths(job_dir / "csv" / stage)]
-    for folder in candidates:
-        for path in scandir_paths(folder):
+    folders = [job_dir / "checkpoints", job_dir / "csv" / "source", job_dir / "csv" / "target"]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                times.append(os.stat(path).st_mtime)
+                if entry.is_dir():
+                    folders += [Path(entry.path)] if folder.parent.name == "csv" else []
+                else:
+                    times.append(entry.stat().st_mtime)
             except OSError:
                 pass
     return times
-
-
-def scandir_paths(folder: Path) -> list[str]:
-    try:
-        return [e.path for e in os.scandir(folder)]
-    except OSError:
-        return []
 
 
 def expected_jobs(sweep_dir: Path) -> int | None:
