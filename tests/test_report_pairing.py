@@ -92,12 +92,21 @@ def test_pairing_section_names_the_scratch_setting_and_the_rule(tmp_path):
     assert by_name["8"]["scratch"] is None and by_name["8"]["pairing"] == "no scratch run for seed"
     lines = pairing_lines(runs)
     assert lines["source=train target.lr=0.01"] == (
-        "- `source=train target.lr=0.01`: 2/3 paired with `source=scratch target.lr=0.01` "
-        "(same recipe ×2, of 2 matching); unpaired: no scratch run for seed 2")
+        "- `source=train target.lr=0.01`: 2/3 paired: ×2 with `source=scratch target.lr=0.01` (same recipe); "
+        "2 matching scratch runs each; unpaired: no scratch run for seed 2")
     assert lines["source=train target.lr=0.1"] == (
-        "- `source=train target.lr=0.1`: 2/2 paired with `source=scratch target.lr=0.001` "
-        "(plain baseline ×2, of 2 matching)")
+        "- `source=train target.lr=0.1`: 2/2 paired: ×2 with `source=scratch target.lr=0.001` (plain baseline); "
+        "2 matching scratch runs each")
     assert not any("source=scratch" in label for label in lines)  # scratch settings are not paired
+    # The lr-0.01 scratch run of seed 1 fails: that seed falls back to the plain baseline, another
+    # scratch setting, and the section says the setting's gains mix baselines.
+    results = json.loads((tmp_path / "5" / "results.json").read_text())
+    (tmp_path / "5" / "results.json").write_text(json.dumps(results | {"status": "failed", "error": "x"}))
+    runs, _ = analyse(tmp_path)
+    assert pairing_lines(runs)["source=train target.lr=0.01"] == (
+        "- `source=train target.lr=0.01`: 2/3 paired: ×1 with `source=scratch target.lr=0.01` (same recipe), "
+        "×1 with `source=scratch target.lr=0.001` (plain baseline); 1–2 matching scratch runs each; "
+        "**mixed scratch settings**: its gains compare against different baselines; unpaired: no scratch run for seed 2")
     md = report.write_report(tmp_path)["report.md"].read_text()
     assert "## Pairing" in md and md.index("## Pairing") < md.index("## Failed jobs")
     assert "**same recipe** (every `target.*`, `freeze.*` and `regularizer.*` value equal)" in md

@@ -26,8 +26,9 @@ config and the same `seed`. Of the candidates, the first rule that finds one cho
 Within a rule the first in natural directory order wins. gain = target/test_<m>(run) −
 target/test_<m>(scratch). A transfer run without candidates has no gain; the report says why per
 setting ("no scratch run for seed 2", or "no scratch run with this target data, backbone and label
-budget"). report.md's "Pairing" section gives, per setting, the scratch setting used and the rule
-that chose it. A setting whose mean gain + CI < 0 (the whole 95% interval below zero) is marked
+budget"). report.md's "Pairing" section gives, per setting, the scratch setting(s) used and the
+rule that chose each, and flags a setting whose runs were paired with more than one scratch
+setting (e.g. the same-recipe scratch run of one seed failed: that seed took the plain baseline). A setting whose mean gain + CI < 0 (the whole 95% interval below zero) is marked
 "negative transfer".
 
 Scale: one pass over the runs (scratch runs are indexed once by their pairing key), each
@@ -447,16 +448,18 @@ def pairing_section(runs: list[dict]) -> list[str]:
         return lines + ["No completed transfer runs."]
     for label, members in settings.items():  # a list, not a table: the main table's rows start "| setting"
         paired = [r for r in members if r["scratch"] is not None]
-        scratch_settings = "`, `".join(dict.fromkeys(str(r["scratch_setting"]) for r in paired))
-        rules = [f"{rule} ×{sum(r['pairing'] == rule for r in paired)}" for rule in (SAME_RECIPE, PLAIN, FIRST)
-                 if any(r["pairing"] == rule for r in paired)]
+        uses: dict[tuple[str, str], int] = {}  # (scratch setting, rule) → runs, in order of first use
+        for r in paired:
+            uses[(str(r["scratch_setting"]), r["pairing"])] = uses.get((str(r["scratch_setting"]), r["pairing"]), 0) + 1
+        line = f"- `{label}`: {len(paired)}/{len(members)} paired"
+        if paired:
+            line += ": " + ", ".join(f"×{n} with `{scratch}` ({rule})" for (scratch, rule), n in uses.items())
         counts = sorted({r["candidates"] for r in paired})
         if counts and counts[-1] > 1:
             span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-            rules.append(f"of {span} matching")
-        line = f"- `{label}`: {len(paired)}/{len(members)} paired"
-        if paired:
-            line += f" with `{scratch_settings}` ({', '.join(rules)})"
+            line += f"; {span} matching scratch runs each"
+        if len({scratch for scratch, _ in uses}) > 1:
+            line += "; **mixed scratch settings**: its gains compare against different baselines"
         reasons = unpaired_reasons(members)
         lines.append(line + (f"; unpaired: {reasons}" if reasons else ""))
     return lines
