@@ -153,9 +153,9 @@ def timed(fn, *args):
     return time.perf_counter() - start, value
 
 
-def analysis(sweep: Path) -> list[dict]:
-    runs = report.add_gains(report.assign_settings(report.load_runs(sweep)))
-    return report.summarize_settings(runs)
+def analysis(sweep: Path, module=report) -> list[dict]:
+    runs = module.add_gains(module.assign_settings(module.load_runs(sweep)))
+    return module.summarize_settings(runs)
 
 
 def status_once(sweep: Path) -> str:
@@ -184,6 +184,7 @@ def main() -> None:
         row = {"n": n, "write": t_write, "analysis": t_analysis, "report": t_report, "status": t_status}
         if i == 0 and args.old_rev:
             old = load_old_report(args.old_rev)
+            row["old_analysis"], _ = timed(analysis, sweep, old)
             row["old_report"], _ = timed(old.write_report, sweep, args.work / f"out_old_{n}")
             same = (args.work / f"out_old_{n}" / "report.csv").read_bytes() == (args.work / f"out_{n}" / "report.csv").read_bytes()
             row["same_csv"] = same
@@ -196,13 +197,15 @@ def main() -> None:
         rows.append(row)
         extra = ""
         if "old_report" in row:
-            extra = (f"; old report {row['old_report']:.2f} s = {row['old_report'] / row['report']:.1f}x the new one, "
+            extra = (f"; old analysis {row['old_analysis']:.2f} s = {row['old_analysis'] / row['analysis']:.1f}x, "
+                     f"old report {row['old_report']:.2f} s = {row['old_report'] / row['report']:.1f}x the new one, "
                      f"report.csv {'identical' if row['same_csv'] else 'DIFFERENT'}")
         if "status_cli" in row:
             extra += f"; `transferlab status` CLI {row['status_cli']:.2f} s"
         print(f"{n:>6} runs (written in {t_write:5.1f} s): analysis {t_analysis:6.2f} s = {1e3 * t_analysis / n:.3f} ms/run, "
               f"write_report {t_report:6.2f} s = {1e3 * t_report / n:.3f} ms/run, "
-              f"status {t_status:.2f} s = {1e3 * t_status / n:.3f} ms/run{extra}", flush=True)
+              f"status {t_status:.2f} s = {1e3 * t_status / n:.3f} ms/run{extra} "
+              f"[load average {os.getloadavg()[0]:.1f}]", flush=True)
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         for key in ("analysis", "report", "status"):

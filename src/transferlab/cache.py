@@ -66,7 +66,7 @@ def _sha256(path: Path) -> str:
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "fuse.ceph", "cephfs", "glusterfs",
     "fuse.glusterfs", "beegfs", "panfs", "afs", "wekafs", "9p", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse",
-    "fuse.juicefs", "orangefs", "pvfs2", "ocfs2", "gfs2"})
+    "fuse.juicefs", "orangefs", "pvfs2"})  # not ocfs2/gfs2: their flock is cluster-wide
 LOCKS = ("auto", "flock", "soft")
 
 
