@@ -28,8 +28,9 @@ target/test_<m>(scratch). A transfer run without candidates has no gain; the rep
 setting ("no scratch run for seed 2", or "no scratch run with this target data, backbone and label
 budget"). report.md's "Pairing" section gives, per setting, the scratch setting(s) used and the
 rule that chose each, and flags a setting whose runs were paired with more than one scratch
-setting (e.g. the same-recipe scratch run of one seed failed: that seed took the plain baseline). A setting whose mean gain + CI < 0 (the whole 95% interval below zero) is marked
-"negative transfer".
+setting (e.g. the same-recipe scratch run of one seed failed: that seed took the plain baseline).
+A setting whose mean gain + CI < 0 (the whole 95% interval below zero) is marked "negative
+transfer".
 
 Scale: one pass over the runs (scratch runs are indexed once by their pairing key), each
 results.json read once, and the walk does not descend into run directories (a directory holding a
