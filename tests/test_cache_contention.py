@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -106,6 +107,7 @@ def test_a_writer_killed_mid_write_leaves_no_entry_and_the_next_fetch_recomputes
     if lock == "soft":  # the kernel frees a flock; a soft lock file stays until a waiter breaks it
         assert f"pid {int(dead_pid)} on this host) is gone" in caplog.text
     assert StageCache(root, lock=lock).fetch("source", SETTINGS, compute_tensor(count_file), load_tensor) == (value, True)
+    assert [p.name for p in (root / "source").iterdir() if p.name.endswith(".tmp")] == []  # the dead writer's, removed
 
 
 def write_foreign_lock(path: Path) -> None:
@@ -188,3 +190,17 @@ def test_auto_picks_soft_on_shared_filesystems_and_flock_elsewhere():
     assert choose_lock("flock", "/home/a", MOUNTS) == "flock" and choose_lock("soft", "/tmp/a", MOUNTS) == "soft"
     with pytest.raises(ConfigError, match="cache.lock=nfs: choose auto, flock or soft"):
         StageCache("/tmp/x", lock="nfs")
+
+
+def test_only_the_temporary_folders_of_dead_writers_on_this_host_are_removed(tmp_path):
+    from transferlab.cache import remove_dead_writers
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    entry, host = tmp_path / "source" / "abc", socket.gethostname()
+    names = [f".abc.{host}.{dead.pid}.tmp", f".abc.{host}.{os.getpid()}.tmp", f".abc.other-node.{dead.pid}.tmp",
+             f".abd.{host}.{dead.pid}.tmp"]
+    for name in names:
+        (tmp_path / "source" / name).mkdir(parents=True)
+    remove_dead_writers(entry)
+    assert sorted(p.name for p in (tmp_path / "source").iterdir()) == sorted(names[1:])

@@ -12,7 +12,8 @@ entry instead of recomputing it.
   flock is unsupported or node-local; a holder that is gone (dead pid on this host, or no heartbeat
   for `stale_lock_s`) has its lock broken with a warning. `lock="auto"`: soft on network and
   cluster filesystems (NFS, Lustre, GPFS, CIFS, …, from the cache dir's mount type), flock else.
-- A writer killed mid-write leaves only its temporary folder: no manifest, no entry.
+- A writer killed mid-write leaves only its temporary folder: no manifest, no entry (the next
+  writer on that host removes the folder).
 - An entry is validated on load (file checksums from its manifest, then the caller's own loading,
   e.g. tensor shapes). One that fails is recomputed with a warning: never a crash, never used.
 """
@@ -215,6 +216,18 @@ def holder_is_dead(holder: dict) -> bool:
     return False
 
 
+def remove_dead_writers(entry: Path) -> None:
+    """Delete the temporary folders of writers of `entry` that died on this host (a job killed
+    mid-compute leaves `.<key>.<host>.<pid>.tmp`, e.g. a source stage's weights). Only this host's,
+    and only dead pids: a live writer elsewhere (a DDP rank 0 builds without the lock) is left alone."""
+    prefix = f".{entry.name}."
+    for tmp in entry.parent.glob(f"{prefix}*.tmp"):
+        host, _, pid = tmp.name[len(prefix):-len(".tmp")].rpartition(".")
+        if pid.isdigit() and holder_is_dead({"host": host, "pid": int(pid)}):
+            log.info("removing %s, left by a writer that died", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 class StageCache:
     def __init__(self, root: str | Path, lock_timeout_s: float = 3600, lock: str = "auto",
                  stale_lock_s: float = 300):
@@ -251,6 +264,7 @@ class StageCache:
             if value is not None:
                 return value, True
             log.info("cache miss: %s %s — computing", kind, key)
+            remove_dead_writers(entry)
             self._build(entry, settings, compute)
         value = self._try_load(kind, key, entry, load, announce=False)
         if value is None:
@@ -295,7 +309,7 @@ class StageCache:
         return value
 
     def _build(self, entry: Path, settings: dict, compute: Callable[[Path], None]) -> None:
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        tmp = entry.with_name(f".{entry.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
