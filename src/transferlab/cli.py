@@ -116,6 +116,7 @@ usage:
   transferlab [group=option ...] [key=value ...]     one run
   transferlab -m key=a,b seed=0,1,2                   a sweep (Hydra multirun), then its report
   transferlab report <sweep dir>                      the report of a (partial) sweep
+  transferlab status <sweep dir> [--watch]            a running sweep: counts, errors, running jobs, ETA
   transferlab soup <sweep dir>                        uniform and greedy model soups of a sweep's runs
   transferlab --cfg job [overrides]                   the composed config, without running
   transferlab --hydra-help                            Hydra's own options
@@ -174,6 +175,10 @@ def main() -> None:
         from transferlab.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "status":
+        from transferlab.status import main as status_main
+
+        sys.exit(status_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "soup":
         from transferlab.soup import main as soup_main
 

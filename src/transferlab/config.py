@@ -158,6 +158,8 @@ class PathsConfig:
 class CacheConfig:
     enabled: bool = True
     dir: str = "outputs/cache"
+    lock: str = "auto"  # auto | flock | soft (shared filesystems); see cache.py
+    stale_lock_s: float = 300.0  # soft lock: broken when its heartbeat has not moved for this long
 
 
 @dataclass

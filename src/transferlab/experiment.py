@@ -202,7 +202,8 @@ def run_stages(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
     """The stages in order; returns (metrics, the task block of results.json)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    cache = StageCache(cfg.cache.dir) if cfg.cache.enabled else None
+    cache = (StageCache(cfg.cache.dir, lock=cfg.cache.lock, stale_lock_s=cfg.cache.stale_lock_s)
+             if cfg.cache.enabled else None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     setup = build_setup(cfg)
     metrics: dict = {f"data/target_{k}_size": v for k, v in setup.data.target.sizes().items()}

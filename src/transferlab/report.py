@@ -7,18 +7,34 @@ or, when a run has no overrides file, the config keys whose values differ across
 `seed`, keys that equal the seed in every run, such as `regularizer.seed`, and `name`).
 
 Per setting it reports the number of completed runs, the completed/failed/running counts, and for
-target/test_acc, target/val_acc, transfer/forgetting and transfer/gain the mean, the standard
-deviation (ddof=1) and the 95% confidence half-width t(0.975, n−1)·std/√n over completed runs.
-Null metrics (the forgetting of a scratch run) are skipped, not counted as 0; with one value the
-std and CI are NaN (blank), never 0.
+the headline metric target/test_<m> and target/val_<m>, transfer/forgetting and transfer/gain the
+mean, the standard deviation (ddof=1) and the 95% confidence half-width t(0.975, n−1)·std/√n over
+completed runs. <m> is the run's `task.primary_metric` in results.json (acc for classification, f1
+— seqeval entity F1 — for token classification); runs recorded before results.json had a `task`
+block count as acc. Null metrics (the forgetting of a scratch run) are skipped, not counted as 0;
+with one value the std and CI are NaN (blank), never 0.
 
-Transfer gain pairs each completed transfer run (source.mode train or checkpoint) with a completed
-scratch run (source.mode scratch) of the same target data (config.data without its source_* keys), the same backbone config, the same label budget (data.target_train_size) and
-the same seed. Among several matches it prefers the scratch run with identical target, freeze and
-regularizer configs, then the plain baseline (FullFinetune, NoRegularizer), then the first in
-directory order. gain = target/test_acc(run) − target/test_acc(scratch). A transfer run with no
-match has no gain; the report counts and lists these runs. A setting whose mean gain + CI < 0 (the
-whole 95% interval below zero) is marked "negative transfer".
+Pairing (transfer gain). A *transfer run* is a completed run with source.mode train or checkpoint;
+a *scratch run* is a completed run with source.mode scratch that has a target/test_<m> value. A
+transfer run's candidates are the scratch runs with the same primary metric, the same target data
+(the whole `data` config minus source_classes, source_domains, source_train_size and
+source_dataset; the label budget data.target_train_size is part of it), the same `backbone`
+config and the same `seed`. Of the candidates, the first rule that finds one chooses:
+  1. same recipe: every key under `target`, `freeze` and `regularizer` equal to the transfer run's;
+  2. plain baseline: freeze FullFinetune and regularizer NoRegularizer;
+  3. first match: the first candidate in natural directory order.
+Within a rule the first in natural directory order wins. gain = target/test_<m>(run) −
+target/test_<m>(scratch). A transfer run without candidates has no gain; the report says why per
+setting ("no scratch run for seed 2", or "no scratch run with this target data, backbone and label
+budget"). report.md's "Pairing" section gives, per setting, the scratch setting(s) used and the
+rule that chose each, and flags a setting whose runs were paired with more than one scratch
+setting (e.g. the same-recipe scratch run of one seed failed: that seed took the plain baseline).
+A setting whose mean gain + CI < 0 (the whole 95% interval below zero) is marked "negative
+transfer".
+
+Scale: one pass over the runs (scratch runs are indexed once by their pairing key), each
+results.json read once, and the walk does not descend into run directories (a directory holding a
+results.json is a run; its checkpoints/, csv/ and wandb/ are not searched).
 
 Written into the sweep directory (or `out_dir`): report.md (the table, then every failed job with
 its error), report.csv (one row per setting: counts and mean/std/ci/n of each metric), report.tex
@@ -33,6 +49,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 import textwrap
@@ -46,7 +63,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from transferlab.errors import TransferlabError
-from transferlab.results import RESULTS_FILE
+from transferlab.results import RESULTS_FILE, natural_key
 
 METRICS = ["target/test_acc", "target/val_acc", "transfer/forgetting", "transfer/gain"]
 STATUSES = ["completed", "failed", "running", "interrupted"]
@@ -55,6 +72,10 @@ ALL_RUNS = "(all runs)"  # the label of the one setting of a sweep that varied o
 NO_VALUE = "—"
 MISSING = object()  # a config key a run does not have
 MARKERS = "osD^vP*Xh<>p"  # one per setting in the trade-off plot
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster per overrides.yaml
+# A plain YAML scalar that is an override: key=value, no quote, flow or comment characters.
+PLAIN_OVERRIDE = re.compile(r"[A-Za-z_+~][\w.+~/@-]*=[^'\"#{}\[\]&*!|>%@`:,]*[^'\"#{}\[\]&*!|>%@`:,\s]|[A-Za-z_+~][\w.+~/@-]*=")
+LISTED_UNPAIRED = 10  # job names listed in the legend; per setting, the Pairing section says why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,43 +86,82 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
     """Every results.json under sweep_dir, in natural directory order (2 before 10).
 
     Each run: {"dir": Path, "name": dir relative to sweep_dir, "status", "error", "metrics",
-    "config", "overrides": the job's override strings, or None without .hydra/overrides.yaml}.
+    "config", "task": results.json's task block ({} for older runs), "overrides": the job's override
+    strings, or None without .hydra/overrides.yaml}.
     An unreadable results.json is a failed run whose error says so.
     """
-    root = Path(sweep_dir)
-    paths = sorted(root.rglob(RESULTS_FILE), key=lambda p: natural_key(p.parent.relative_to(root)))
-    return [load_run(path, root) for path in paths]
+    root = os.fspath(sweep_dir)
+    return [load_run(root, name) for name in sorted(find_run_dirs(root), key=natural_key)]
 
 
-def load_run(path: Path, root: Path) -> dict:
+def find_run_dirs(root: str) -> list[str]:
+    """The directories under root holding a results.json, relative to root ("." for root itself).
+    It does not look inside a run directory: a run's checkpoints/, csv/ and wandb/ are most of a
+    sweep's directories. Plain strings: pathlib's parsing would cost as much as the reading."""
+    found, pending = [], [""]
+    while pending:
+        rel = pending.pop()
+        folder = os.path.join(root, rel) if rel else root
+        if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
+            found.append(rel or ".")
+            if rel:
+                continue
+        try:
+            subdirs = [e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        pending += [f"{rel}/{name}" if rel else name for name in subdirs]
+    return found
+
+
+def load_run(root: str, name: str) -> dict:
+    folder = os.path.join(root, name) if name != "." else root
     try:
-        results = json.loads(path.read_text())
+        with open(os.path.join(folder, RESULTS_FILE), "rb") as f:
+            results = json.loads(f.read())
     except (OSError, ValueError) as e:
         results = {"status": "failed", "error": f"unreadable {RESULTS_FILE}: {e}"}
     return {
-        "dir": path.parent,
-        "name": path.parent.relative_to(root).as_posix(),
+        "dir": Path(folder),
+        "name": name,
         "status": results.get("status"),
         "error": results.get("error"),
         "metrics": results.get("metrics") or {},
         "config": results.get("config") or {},
-        "overrides": read_overrides(path.parent / ".hydra" / "overrides.yaml"),
+        "task": results.get("task") or {},
+        "overrides": read_overrides(os.path.join(folder, ".hydra", "overrides.yaml")),
     }
 
 
-def read_overrides(path: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
+def read_overrides(path: str) -> list[str] | None:
     try:
-        overrides = yaml.safe_load(path.read_text()) or []
-    except (OSError, yaml.YAMLError):
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    plain = plain_yaml_list(text)
+    if plain is not None:
+        return plain
+    try:
+        overrides = yaml.load(text, Loader=YAML_LOADER) or []
+    except yaml.YAMLError:
         return None
     return [str(o) for o in overrides] if isinstance(overrides, list) else None
 
 
-def natural_key(path: Path) -> list:
-    """'job10' after 'job2': digit runs compare as numbers (str/int alternate, so they line up)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
+def plain_yaml_list(text: str) -> list[str] | None:
+    """The items of a YAML list of plain key=value strings, as Hydra writes overrides.yaml
+    ("- seed=0"), read without a YAML parser (libyaml costs ~0.2 ms a file); None for anything
+    that needs one (quotes, flow collections, comments, anchors: then yaml reads it)."""
+    items = []
+    for line in text.splitlines():
+        if not line.startswith("- "):
+            return None
+        item = line[2:].strip()
+        if not PLAIN_OVERRIDE.fullmatch(item):
+            return None
+        items.append(item)
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,41 +234,70 @@ def show(value) -> str:
 # Transfer gain: each transfer run against its own scratch baseline
 
 
+SOURCE_DATA_KEYS = ("source_classes", "source_domains", "source_train_size", "source_dataset")
+SAME_RECIPE, PLAIN, FIRST = "same recipe", "plain baseline", "first match"
+NO_SEED = "no scratch run for seed"
+NO_DATA = "no scratch run with this target data, backbone and label budget"
+
+
 def add_gains(runs: list[dict]) -> list[dict]:
-    """Each run plus "scratch" (its paired scratch run's name, or None) and, when paired,
-    metrics["transfer/gain"]."""
-    scratch = [run for run in runs if is_completed(run) and source_mode(run) == "scratch"
-               and test_acc(run) is not None]
+    """Each run plus "scratch" (its paired scratch run's name, or None), "scratch_setting",
+    "pairing" (the rule that chose the scratch run, or why there is none; None for runs that are
+    not completed transfer runs), "candidates" (how many scratch runs matched) and, when paired,
+    metrics["transfer/gain"]. The rule is the module docstring's.
+
+    Linear in the runs: the scratch runs are indexed once by pairing key (and by recipe within
+    it), so each transfer run costs one key and three look-ups."""
+    by_key: dict[str, list[dict]] = {}  # pairing key → its scratch runs, in directory order
+    by_recipe: dict[tuple[str, str], dict] = {}  # (pairing key, recipe) → the first such scratch run
+    plain: dict[str, dict] = {}  # pairing key → its first plain-baseline scratch run
+    seedless: set[str] = set()  # pairing keys without the seed: tells "wrong seed" from "no such data"
+    for run in runs:
+        if is_completed(run) and source_mode(run) == "scratch" and headline(run) is not None:
+            key = pairing_key(run)
+            by_key.setdefault(key, []).append(run)
+            by_recipe.setdefault((key, recipe_key(run)), run)
+            if is_plain_baseline(run):
+                plain.setdefault(key, run)
+            seedless.add(pairing_key(run, with_seed=False))
     paired = []
     for run in runs:
-        match = None
-        if is_completed(run) and source_mode(run) != "scratch" and test_acc(run) is not None:
-            match = choose_scratch(run, [s for s in scratch if pairing_key(s) == pairing_key(run)])
-        gain = {} if match is None else {"transfer/gain": test_acc(run) - test_acc(match)}
-        paired.append(run | {"scratch": match and match["name"], "metrics": run["metrics"] | gain})
+        match, why, found = None, None, []
+        if is_completed(run) and source_mode(run) != "scratch":
+            key = pairing_key(run)
+            found = by_key.get(key, []) if headline(run) is not None else []
+            if found:
+                match, why = by_recipe.get((key, recipe_key(run))), SAME_RECIPE
+                if match is None:
+                    match, why = plain.get(key), PLAIN
+                if match is None:
+                    match, why = found[0], FIRST
+            elif headline(run) is None:
+                why = f"no {headline_metric(run)} value"
+            else:
+                why = NO_SEED if pairing_key(run, with_seed=False) in seedless else NO_DATA
+        gain = {} if match is None else {"transfer/gain": headline(run) - headline(match)}
+        paired.append(run | {"scratch": match and match["name"], "scratch_setting": match and match.get("setting"),
+                             "pairing": why, "candidates": len(found), "metrics": run["metrics"] | gain})
     return paired
 
 
-def pairing_key(run: dict) -> str:
-    """Same target data, backbone, label budget and seed."""
+def pairing_key(run: dict, with_seed: bool = True) -> str:
+    """Same primary metric, target data (label budget included), backbone and seed."""
     config = run["config"]
-    data = config.get("data") or {}
-    target_data = {k: v for k, v in data.items() if k not in ("source_classes", "source_domains", "source_train_size", "source_dataset")}
-    return canonical([target_data, config.get("backbone"), data.get("target_train_size"), config.get("seed")])
+    target_data = {k: v for k, v in (config.get("data") or {}).items() if k not in SOURCE_DATA_KEYS}
+    seed = config.get("seed") if with_seed else None
+    return canonical([primary_metric(run), target_data, config.get("backbone"), seed])
 
 
-def choose_scratch(run: dict, candidates: list[dict]) -> dict | None:
-    """Same target/freeze/regularizer recipe, else the plain baseline, else the first."""
-    same_recipe = [s for s in candidates
-                   if all(canonical(s["config"].get(k)) == canonical(run["config"].get(k))
-                          for k in ("target", "freeze", "regularizer"))]
-    plain = [s for s in candidates
-             if target_class(s, "freeze").endswith("FullFinetune")
-             and target_class(s, "regularizer").endswith("NoRegularizer")]
-    for preferred in (same_recipe, plain, candidates):
-        if preferred:
-            return preferred[0]
-    return None
+def recipe_key(run: dict) -> str:
+    """What "same recipe" compares: every key under target, freeze and regularizer."""
+    return canonical([run["config"].get(group) for group in ("target", "freeze", "regularizer")])
+
+
+def is_plain_baseline(run: dict) -> bool:
+    return (target_class(run, "freeze").endswith("FullFinetune")
+            and target_class(run, "regularizer").endswith("NoRegularizer"))
 
 
 def is_completed(run: dict) -> bool:
@@ -223,8 +312,30 @@ def target_class(run: dict, group: str) -> str:
     return str((run["config"].get(group) or {}).get("_target_", ""))
 
 
-def test_acc(run: dict) -> float | None:
-    return run["metrics"].get("target/test_acc")
+def primary_metric(run: dict) -> str:
+    """The task's headline metric ("acc", "f1"): results.json's task.primary_metric; acc for runs
+    recorded before results.json had a task block."""
+    return str((run.get("task") or {}).get("primary_metric") or "acc")
+
+
+def headline_metric(run: dict) -> str:
+    return f"target/test_{primary_metric(run)}"
+
+
+def headline(run: dict) -> float | None:
+    return run["metrics"].get(headline_metric(run))
+
+
+def sweep_metrics(runs: list[dict]) -> list[str]:
+    """The report's columns: test and val of each primary metric among the completed runs (acc
+    when there are none), then forgetting and gain. For a classification sweep this is METRICS."""
+    completed = [run for run in runs if is_completed(run)]
+    primaries = dict.fromkeys(primary_metric(run) for run in completed) or {"acc": None}
+    return [f"target/{split}_{m}" for m in primaries for split in ("test", "val")] + METRICS[2:]
+
+
+def metric_names(rows: list[dict]) -> list[str]:
+    return rows[0]["metric_names"] if rows else METRICS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,16 +353,19 @@ def summarize(values: list[float]) -> dict:
 
 def summarize_settings(runs: list[dict]) -> list[dict]:
     """One row per setting, in order of first appearance: counts and a summary per metric."""
-    settings = dict.fromkeys(run["setting"] for run in runs)
-    return [summarize_setting(label, [run for run in runs if run["setting"] == label]) for label in settings]
+    settings: dict[str, list[dict]] = {}
+    for run in runs:
+        settings.setdefault(run["setting"], []).append(run)
+    metrics = sweep_metrics(runs)
+    return [summarize_setting(label, members, metrics) for label, members in settings.items()]
 
 
-def summarize_setting(label: str, runs: list[dict]) -> dict:
+def summarize_setting(label: str, runs: list[dict], metrics: list[str] = METRICS) -> dict:
     completed = [run for run in runs if is_completed(run)]
-    row = {"setting": label, "params": runs[0]["params"], "n": len(completed)}
+    row = {"setting": label, "params": runs[0]["params"], "n": len(completed), "metric_names": metrics}
     row |= {status: sum(run["status"] == status for run in runs) for status in STATUSES}
     row["unpaired"] = sum(source_mode(run) != "scratch" and run["scratch"] is None for run in completed)
-    for metric in METRICS:
+    for metric in metrics:
         row[metric] = summarize([run["metrics"][metric] for run in completed
                                  if run["metrics"].get(metric) is not None])
     gain = row["transfer/gain"]
@@ -269,15 +383,16 @@ def swept_keys(rows: list[dict]) -> list[str]:
 
 def markdown_report(rows: list[dict], runs: list[dict], sweep_dir: Path) -> str:
     return "\n".join([f"# Ablation report: {sweep_dir}", "", markdown_table(rows), "",
-                      *legend(runs), "", *failed_section(runs)]) + "\n"
+                      *legend(runs), "", *pairing_section(runs), "", *failed_section(runs)]) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ["setting", "n", *METRICS, *STATUSES, ""]
-    align = ["---", "---:", *["---:"] * len(METRICS), *["---:"] * len(STATUSES), "---"]
+    metrics = metric_names(rows)
+    header = ["setting", "n", *metrics, *STATUSES, ""]
+    align = ["---", "---:", *["---:"] * len(metrics), *["---:"] * len(STATUSES), "---"]
     lines = [markdown_row(header), markdown_row(align)]
     for row in rows:
-        cells = [row["setting"], str(row["n"]), *(cell_text(row[m], row["n"]) for m in METRICS),
+        cells = [row["setting"], str(row["n"]), *(cell_text(row[m], row["n"]) for m in metrics),
                  *(str(row[s]) for s in STATUSES), f"**{NEGATIVE}**" if row["negative_transfer"] else ""]
         lines.append(markdown_row(cells))
     return "\n".join(lines)
@@ -298,15 +413,73 @@ def cell_text(summary: dict, n_completed: int) -> str:
 def legend(runs: list[dict]) -> list[str]:
     transfer = [r for r in runs if is_completed(r) and source_mode(r) != "scratch"]
     unpaired = [r["name"] for r in transfer if r["scratch"] is None]
+    headlines = " / ".join(dict.fromkeys(headline_metric(r) for r in transfer)) or "target/test_acc"
     lines = ["n: completed runs. Cells: mean ± 95% CI half-width (t-distribution, n−1 d.o.f.) over "
              "completed runs; one value: no CI; —: no value (null metrics are skipped).",
-             "transfer/gain: target/test_acc minus that of the scratch run with the same target data, "
-             "backbone, label budget and seed. "
+             f"transfer/gain: {headlines} minus that of the scratch run with the same target data, "
+             "backbone, label budget and seed (which one, when several match: see Pairing). "
              f"{NEGATIVE}: mean gain + CI < 0. "
              f"{len(transfer) - len(unpaired)} transfer runs paired, {len(unpaired)} unpaired."]
     if unpaired:
-        lines.append(f"Unpaired (no matching scratch run, no gain): {', '.join(unpaired)}.")
+        listed = ", ".join(unpaired[:LISTED_UNPAIRED])
+        more = (f" and {len(unpaired) - LISTED_UNPAIRED} more (why, per setting: see Pairing)"
+                if len(unpaired) > LISTED_UNPAIRED else "")
+        lines.append(f"Unpaired (no matching scratch run, no gain): {listed}{more}.")
     return lines
+
+
+PAIRING_RULE = (
+    "Each completed transfer run is paired with a completed scratch run (source.mode=scratch) of the "
+    "same primary metric, target data (`data` minus its source_* keys; the label budget included), "
+    "`backbone` config and `seed`. When several match, the first rule that finds one chooses: "
+    f"**{SAME_RECIPE}** (every `target.*`, `freeze.*` and `regularizer.*` value equal), then "
+    f"**{PLAIN}** (FullFinetune, NoRegularizer), then **{FIRST}** (first in directory order); "
+    "within a rule, the first in directory order.")
+
+
+def pairing_section(runs: list[dict]) -> list[str]:
+    """Per setting with completed transfer runs: how many paired, with which scratch setting, by
+    which rule (out of how many matching scratch runs), and why the others have no gain."""
+    settings: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("pairing") is not None:
+            settings.setdefault(run["setting"], []).append(run)
+    lines = ["## Pairing", "", PAIRING_RULE, ""]
+    if not settings:
+        return lines + ["No completed transfer runs."]
+    for label, members in settings.items():  # a list, not a table: the main table's rows start "| setting"
+        paired = [r for r in members if r["scratch"] is not None]
+        uses: dict[tuple[str, str], int] = {}  # (scratch setting, rule) → runs, in order of first use
+        for r in paired:
+            uses[(str(r["scratch_setting"]), r["pairing"])] = uses.get((str(r["scratch_setting"]), r["pairing"]), 0) + 1
+        line = f"- `{label}`: {len(paired)}/{len(members)} paired"
+        if paired:
+            line += ": " + ", ".join(f"×{n} with `{scratch}` ({rule})" for (scratch, rule), n in uses.items())
+        counts = sorted({r["candidates"] for r in paired})
+        if counts and counts[-1] > 1:
+            span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+            line += f"; {span} matching scratch runs each"
+        if len({scratch for scratch, _ in uses}) > 1:
+            line += "; **mixed scratch settings**: its gains compare against different baselines"
+        reasons = unpaired_reasons(members)
+        lines.append(line + (f"; unpaired: {reasons}" if reasons else ""))
+    return lines
+
+
+def unpaired_reasons(members: list[dict]) -> str:
+    """"no scratch run for seed 2, 5; no target/test_f1 value (1 run)"."""
+    reasons: dict[str, list[dict]] = {}
+    for run in members:
+        if run["scratch"] is None:
+            reasons.setdefault(run["pairing"], []).append(run)
+    parts = []
+    for why, unpaired in reasons.items():
+        if why == NO_SEED:
+            seeds = sorted({r["config"].get("seed") for r in unpaired}, key=lambda s: (str(type(s)), s))
+            parts.append(f"{why} {', '.join(map(str, seeds))}")
+        else:
+            parts.append(f"{why} ({len(unpaired)} run{'s' * (len(unpaired) > 1)})")
+    return "; ".join(parts)
 
 
 def failed_section(runs: list[dict]) -> list[str]:
@@ -333,16 +506,16 @@ def failed_section(runs: list[dict]) -> list[str]:
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    keys = swept_keys(rows)
+    keys, metrics = swept_keys(rows), metric_names(rows)
     header = ["setting", *keys, *STATUSES, "unpaired", "negative_transfer"]
-    header += [f"{metric}_{stat}" for metric in METRICS for stat in ("mean", "std", "ci", "n")]
+    header += [f"{metric}_{stat}" for metric in metrics for stat in ("mean", "std", "ci", "n")]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
             values = [row["setting"], *(row["params"].get(key, "") for key in keys),
                       *(row[s] for s in STATUSES), row["unpaired"], row["negative_transfer"]]
-            values += [csv_number(row[metric][stat]) for metric in METRICS for stat in ("mean", "std", "ci", "n")]
+            values += [csv_number(row[metric][stat]) for metric in metrics for stat in ("mean", "std", "ci", "n")]
             writer.writerow(values)
     return path
 
@@ -356,19 +529,29 @@ def csv_number(value: float | int) -> str:
 # report.tex
 
 
-TEX_HEADER = ["Setting", "$n$", "Target test acc.", "Target val.\\ acc.", "Forgetting", "Transfer gain"]
+TEX_NAMES = {"transfer/forgetting": "Forgetting", "transfer/gain": "Transfer gain"}
+TEX_SPLITS = {"test": "Target test", "val": "Target val.\\"}
+
+
+def tex_name(metric: str) -> str:
+    """target/test_acc → "Target test acc.", target/val_f1 → "Target val.\\ F1"."""
+    if metric in TEX_NAMES:
+        return TEX_NAMES[metric]
+    split, name = metric.split("/", 1)[1].split("_", 1)
+    return f"{TEX_SPLITS.get(split, split)} {'acc.' if name == 'acc' else tex_escape(name.upper())}"
 
 
 def latex_table(rows: list[dict], sweep_dir: Path) -> str:
+    metrics = metric_names(rows)
     lines = [f"% Ablation report: {sweep_dir}",
              "% mean $\\pm$ 95% CI half-width (t-distribution) over completed runs; needs \\usepackage{booktabs}",
              f"% $^\\dagger$: {NEGATIVE} (mean gain + CI < 0)",
-             "\\begin{tabular}{lr" + "c" * len(METRICS) + "}",
+             "\\begin{tabular}{lr" + "c" * len(metrics) + "}",
              "\\toprule",
-             " & ".join(TEX_HEADER) + " \\\\",
+             " & ".join(["Setting", "$n$", *map(tex_name, metrics)]) + " \\\\",
              "\\midrule"]
     for row in rows:
-        cells = [tex_escape(row["setting"]), str(row["n"]), *(tex_cell(row[m]) for m in METRICS)]
+        cells = [tex_escape(row["setting"]), str(row["n"]), *(tex_cell(row[m]) for m in metrics)]
         if row["negative_transfer"]:
             cells[-1] += "$^\\dagger$"
         lines.append(" & ".join(cells) + " \\\\")
@@ -402,7 +585,7 @@ def plot_metrics_by_key(rows: list[dict], plot_dir: Path) -> list[Path]:
     keys = swept_keys(rows)
     written = []
     for key in keys:
-        for metric in METRICS:
+        for metric in metric_names(rows):
             if all(math.isnan(row[metric]["mean"]) for row in rows):
                 continue
             fig = Figure(figsize=(6, 4))
@@ -445,21 +628,22 @@ def draw_metric_by_key(ax, rows: list[dict], key: str, others: list[str], metric
 
 
 def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
-    """Source forgetting (x) against target test accuracy (y), one labelled point per setting."""
-    points = [row for row in rows if row["transfer/forgetting"]["n"] > 0 and row["target/test_acc"]["n"] > 0]
+    """Source forgetting (x) against the headline target metric (y), one labelled point per setting."""
+    target = metric_names(rows)[0]  # target/test_acc, or target/test_f1 for a token-classification sweep
+    points = [row for row in rows if row["transfer/forgetting"]["n"] > 0 and row[target]["n"] > 0]
     if not points:
         return []
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     for i, row in enumerate(points):  # a legend, not annotations: settings often share a point
-        x, y = row["transfer/forgetting"], row["target/test_acc"]
+        x, y = row["transfer/forgetting"], row[target]
         ax.errorbar([x["mean"]], [y["mean"]], xerr=[no_nan(x["ci"])], yerr=[no_nan(y["ci"])],
                     marker=MARKERS[i % len(MARKERS)], markersize=7, capsize=4, label=wrap(row["setting"]))
     ax.legend(fontsize="small")
     ax.set_xlabel("transfer/forgetting (mean ± 95% CI)")
-    ax.set_ylabel("target/test_acc (mean ± 95% CI)")
+    ax.set_ylabel(f"{target} (mean ± 95% CI)")
     ax.set_title("Forgetting vs target accuracy")
-    return [save(fig, plot_dir / "tradeoff_forgetting_vs_target_test_acc.png")]
+    return [save(fig, plot_dir / f"tradeoff_forgetting_vs_{slug(target)}.png")]
 
 
 def save(fig: Figure, path: Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -28,6 +29,12 @@ def write_results(run_dir: Path, results: dict) -> Path:
 
 def read_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+
+
+def natural_key(path: Path | str) -> list:
+    """'job10' after 'job2': digit runs compare as numbers (str/int alternate, so they line up)."""
+    text = path if isinstance(path, str) else path.as_posix()
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def git_state() -> tuple[str | None, bool | None]:
