@@ -151,6 +151,14 @@ def test_null_metrics_are_skipped_not_zero(tmp_path):
     assert md_cells(md, "source=train")["transfer/forgetting"] == f"{mean:.4f} ± {ci:.4f} (n=2)"
 
 
+def results_table_row(md: str, setting: str) -> str:
+    """The setting's row of the results table (report.md's first table; the evidence sections
+    below it have rows per setting too)."""
+    table = md.split("\n\n")[1]
+    [line] = [l for l in table.splitlines() if l.startswith(f"| {setting} |")]
+    return line
+
+
 def test_single_run_has_no_std_or_ci(tmp_path):
     write_job(tmp_path, "0", test_acc=0.77, config=make_config(regularizer="l2sp"),
               overrides=["regularizer=l2sp", "seed=0"])
@@ -162,7 +170,7 @@ def test_single_run_has_no_std_or_ci(tmp_path):
     single = rows["regularizer=l2sp"]["target/test_acc"]
     assert single["n"] == 1 and single["mean"] == pytest.approx(0.77)
     assert math.isnan(single["std"]) and math.isnan(single["ci"])
-    [line] = [l for l in (out / "report.md").read_text().splitlines() if l.startswith("| regularizer=l2sp")]
+    line = results_table_row((out / "report.md").read_text(), "regularizer=l2sp")
     assert "0.7700" in line and "±" not in line
     [csv_row] = [r for r in csv.DictReader((out / "report.csv").open()) if r["setting"] == "regularizer=l2sp"]
     assert csv_row["target/test_acc_std"] == "" and csv_row["target/test_acc_ci"] == ""
@@ -286,8 +294,8 @@ def test_negative_transfer_is_flagged_only_when_the_ci_excludes_zero(tmp_path):
 
     out = report.write_report(tmp_path)
     lines = out["report.md"].read_text().splitlines()
-    [bad_line] = [l for l in lines if l.startswith("| freeze=partial source=train")]
-    [noisy_line] = [l for l in lines if l.startswith("| freeze=full source=train")]
+    bad_line = results_table_row("\n".join(lines), "freeze=partial source=train")
+    noisy_line = results_table_row("\n".join(lines), "freeze=full source=train")
     assert "negative transfer" in bad_line and "negative transfer" not in noisy_line
     flags = {r["setting"]: r["negative_transfer"] for r in csv.DictReader(out["report.csv"].open())}
     assert flags == {"freeze=full source=scratch": "False", "freeze=partial source=train": "True",
@@ -403,12 +411,16 @@ def test_report_files_are_written_and_csv_round_trips(tmp_path):
     md = written["report.md"].read_text()
     assert f"| regularizer=none source=train | 3 | {mean:.4f} ± {ci:.4f} |" in md
 
-    plots = {name for name in written if name.startswith("plots/")}
-    expected_plots = {f"plots/{m.replace('/', '_')}_vs_{key}.png" for m in report.METRICS
-                      for key in ("regularizer", "source")}
-    assert plots == expected_plots | {"plots/tradeoff_forgetting_vs_target_test_acc.png"}
+    plots = {name for name in written if name.startswith("plots/") and "_vs_" in name and "stability" not in name}
+    stems = {f"plots/{m.replace('/', '_')}_vs_{key}" for m in report.METRICS for key in ("regularizer", "source")}
+    stems.add("plots/tradeoff_forgetting_vs_target_test_acc")
+    assert {name for name in plots if name.rsplit(".", 1)[0] in stems} == {f"{s}.{ext}" for s in stems
+                                                                           for ext in ("png", "pdf")}
     for name in plots:
-        assert written[name].read_bytes()[:8] == PNG_MAGIC and written[name].stat().st_size > 1000
+        if name.endswith(".png"):
+            assert written[name].read_bytes()[:8] == PNG_MAGIC and written[name].stat().st_size > 1000
+        else:
+            assert written[name].read_bytes()[:5] == b"%PDF-"
 
 
 def test_numeric_key_plot_and_tex_escaping(tmp_path):

@@ -52,17 +52,15 @@ import math
 import os
 import re
 import sys
-import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy import stats
 
+from transferlab import figures
 from transferlab.errors import TransferlabError
+from transferlab.evidence import evidence_sections
 from transferlab.results import RESULTS_FILE, natural_key
 
 METRICS = ["target/test_acc", "target/val_acc", "transfer/forgetting", "transfer/gain"]
@@ -71,7 +69,6 @@ NEGATIVE = "negative transfer"
 ALL_RUNS = "(all runs)"  # the label of the one setting of a sweep that varied only the seed
 NO_VALUE = "—"
 MISSING = object()  # a config key a run does not have
-MARKERS = "osD^vP*Xh<>p"  # one per setting in the trade-off plot
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster per overrides.yaml
 # A plain YAML scalar that is an override: key=value, no quote, flow or comment characters.
 PLAIN_OVERRIDE = re.compile(r"[A-Za-z_+~][\w.+~/@-]*=[^'\"#{}\[\]&*!|>%@`:,]*[^'\"#{}\[\]&*!|>%@`:,\s]|[A-Za-z_+~][\w.+~/@-]*=")
@@ -381,9 +378,11 @@ def swept_keys(rows: list[dict]) -> list[str]:
 # report.md
 
 
-def markdown_report(rows: list[dict], runs: list[dict], sweep_dir: Path) -> str:
+def markdown_report(rows: list[dict], runs: list[dict], sweep_dir: Path, sections: list[str] = ()) -> str:
+    """The results table and its legend, then `sections` (the evidence and the figures), then how
+    runs were paired and the jobs that did not complete."""
     return "\n".join([f"# Ablation report: {sweep_dir}", "", markdown_table(rows), "",
-                      *legend(runs), "", *pairing_section(runs), "", *failed_section(runs)]) + "\n"
+                      *legend(runs), *sections, "", *pairing_section(runs), "", *failed_section(runs)]) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -580,79 +579,44 @@ def tex_escape(text: str) -> str:
 
 
 def plot_metrics_by_key(rows: list[dict], plot_dir: Path) -> list[Path]:
-    """For each swept key and metric: the metric against the key's values, one line per
-    combination of the other swept keys, CI error bars. Metrics with no values are skipped."""
+    """For each swept key and metric: the metric against the key's values (figures.py: categorical
+    values as points with error bars and no connecting lines, one group per combination of the
+    other swept keys; numeric values as lines), PDF + PNG. Metrics with no values are skipped."""
     keys = swept_keys(rows)
     written = []
     for key in keys:
+        others = [k for k in keys if k != key]
+        values = list(dict.fromkeys(row["params"].get(key, NO_VALUE) for row in rows))
+        numeric = all(is_number(v) for v in values)
         for metric in metric_names(rows):
-            if all(math.isnan(row[metric]["mean"]) for row in rows):
+            members = [row for row in rows if row[metric]["n"] > 0]
+            if not members:
                 continue
-            fig = Figure(figsize=(6, 4))
-            draw_metric_by_key(fig.add_subplot(), rows, key, [k for k in keys if k != key], metric)
-            written.append(save(fig, plot_dir / f"{slug(metric)}_vs_{slug(key)}.png"))
+            group = lambda row: " ".join(f"{k}={row['params'].get(k, NO_VALUE)}" for k in others) or None  # noqa: E731
+            if numeric:
+                series: dict[str, list] = {}
+                for row in members:
+                    series.setdefault(group(row) or metric, []).append(
+                        {"x": float(row["params"].get(key)), **row[metric]})
+                plot = figures.numeric(series, metric, key, save_to=plot_dir / f"{slug(metric)}_vs_{slug(key)}")
+            else:
+                points = [{"label": str(row["params"].get(key, NO_VALUE)), "group": group(row), **row[metric]}
+                          for row in members]
+                plot = figures.categorical(points, metric, key, save_to=plot_dir / f"{slug(metric)}_vs_{slug(key)}")
+            written += plot.files
     return written
-
-
-def draw_metric_by_key(ax, rows: list[dict], key: str, others: list[str], metric: str) -> None:
-    values = list(dict.fromkeys(row["params"].get(key, NO_VALUE) for row in rows))
-    numeric = all(is_number(v) for v in values)
-    ordered = sorted(values, key=float) if numeric else values
-    position = {v: float(v) if numeric else i for i, v in enumerate(ordered)}  # value → x
-    lines = dict.fromkeys(tuple(row["params"].get(k, NO_VALUE) for k in others) for row in rows)
-    for combination in lines:
-        members = [row for row in rows if row[metric]["n"] > 0
-                   and tuple(row["params"].get(k, NO_VALUE) for k in others) == combination]
-        members.sort(key=lambda row: position[row["params"].get(key, NO_VALUE)])
-        if not members:
-            continue
-        label = wrap(" ".join(f"{k}={v}" for k, v in zip(others, combination))) or None
-        ax.errorbar([position[row["params"].get(key, NO_VALUE)] for row in members],
-                    [row[metric]["mean"] for row in members],
-                    yerr=[no_nan(row[metric]["ci"]) for row in members],
-                    marker="o", capsize=4, label=label)
-    if numeric:
-        positive = [p for p in position.values() if p > 0]
-        if len(positive) == len(position) and max(positive) / min(positive) >= 100:
-            ax.set_xscale("log")
-    else:
-        ax.set_xticks(list(position.values()), [wrap(v) for v in position])
-        ax.set_xlim(-0.5, len(position) - 0.5)
-    if metric in ("transfer/gain", "transfer/forgetting"):
-        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel(key)
-    ax.set_ylabel(f"{metric} (mean ± 95% CI)")
-    ax.set_title(f"{metric} by {key}")
-    if others:
-        ax.legend(fontsize="small")
 
 
 def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
     """Source forgetting (x) against the headline target metric (y), one labelled point per setting."""
     target = metric_names(rows)[0]  # target/test_acc, or target/test_f1 for a token-classification sweep
-    points = [row for row in rows if row["transfer/forgetting"]["n"] > 0 and row[target]["n"] > 0]
+    points = [{"label": row["setting"], "x": row["transfer/forgetting"]["mean"], "xerr": row["transfer/forgetting"]["ci"],
+               "y": row[target]["mean"], "yerr": row[target]["ci"], "n": row[target]["n"]}
+              for row in rows if row["transfer/forgetting"]["n"] > 0 and row[target]["n"] > 0]
     if not points:
         return []
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.add_subplot()
-    for i, row in enumerate(points):  # a legend, not annotations: settings often share a point
-        x, y = row["transfer/forgetting"], row[target]
-        ax.errorbar([x["mean"]], [y["mean"]], xerr=[no_nan(x["ci"])], yerr=[no_nan(y["ci"])],
-                    marker=MARKERS[i % len(MARKERS)], markersize=7, capsize=4, label=wrap(row["setting"]))
-    ax.legend(fontsize="small")
-    ax.set_xlabel("transfer/forgetting (mean ± 95% CI)")
-    ax.set_ylabel(f"{target} (mean ± 95% CI)")
-    ax.set_title("Forgetting vs target accuracy")
-    return [save(fig, plot_dir / f"tradeoff_forgetting_vs_{slug(target)}.png")]
-
-
-def save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # very long labels: a cramped plot, not a warning per plot
-        warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
-    return path
+    return figures.scatter(points, "transfer/forgetting", target,
+                           save_to=plot_dir / f"tradeoff_forgetting_vs_{slug(target)}").files
 
 
 def is_number(text: str) -> bool:
@@ -660,15 +624,6 @@ def is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
-
-
-def no_nan(value: float) -> float:
-    """Error-bar length: no interval (n=1) draws no bar."""
-    return 0.0 if math.isnan(value) else value
-
-
-def wrap(text: str, width: int = 40) -> str:
-    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False))
 
 
 def slug(text: str) -> str:
@@ -679,8 +634,11 @@ def slug(text: str) -> str:
 # Entry points
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.csv, report.tex and plots/*.png; return {name relative to out: path}."""
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, baseline: str | None = None
+                 ) -> dict[str, Path]:
+    """Write report.md (the table, pairing, failures, then the evidence sections: stability,
+    efficiency, generalization, paired comparison against `baseline`, transferability),
+    report.csv, report.tex and plots/*.{pdf,png}; return {name relative to out: path}."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise TransferlabError(f"no such directory: {sweep_dir}")
@@ -691,11 +649,15 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     rows = summarize_settings(runs)
     out = Path(out_dir) if out_dir is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown_report(rows, runs, sweep_dir))
+    plots = plot_metrics_by_key(rows, out / "plots") + plot_tradeoff(rows, out / "plots")
+    figure_lines = ["", "## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots
+                                              if p.suffix == ".png"]
+    sections = evidence_sections(runs, out, baseline)
+    (out / "report.md").write_text(markdown_report(rows, runs, sweep_dir, sections + figure_lines))
     write_csv(rows, out / "report.csv")
     (out / "report.tex").write_text(latex_table(rows, sweep_dir))
     written = {name: out / name for name in ("report.md", "report.csv", "report.tex")}
-    for path in plot_metrics_by_key(rows, out / "plots") + plot_tradeoff(rows, out / "plots"):
+    for path in [*plots, *sorted((out / "plots").glob("*.*"))] if (out / "plots").is_dir() else plots:
         written[path.relative_to(out).as_posix()] = path
     return written
 
@@ -707,9 +669,11 @@ def main(argv: list[str] | None = None) -> int:
                     "transfer gain against paired scratch runs, failed jobs).")
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/multiruns/<name>/<time>")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep directory)")
+    parser.add_argument("--baseline", default=None,
+                        help="the setting the paired comparison is against (default: the arm named none, else the first)")
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.sweep_dir, args.out)
+        written = write_report(args.sweep_dir, args.out, args.baseline)
     except TransferlabError as e:
         print(f"transferlab report: error: {e}", file=sys.stderr)
         return 2
