@@ -90,6 +90,22 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     assert "Traceback" not in err and "interrupted" in err
 
 
+def test_a_second_ctrl_c_while_training_exits_at_once(tmp_path):
+    # The first Ctrl-C asks the stage to stop at its next batch end; the second does not wait for it.
+    code = ("import os, signal, time\n"
+            "from transferlab.stages.checkpointing import fitting, stop_on_sigterm\n"
+            "with stop_on_sigterm(), fitting():\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    print('first Ctrl-C: still training', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n"
+            "print('not reached')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130
+    assert result.stdout == "first Ctrl-C: still training\n"
+    assert "interrupted again: exiting now" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("override, key", [("hydra.run.dir={bad}/run", "hydra.run.dir"), ("cache.dir={bad}", "cache.dir")])
 def test_unwritable_output_or_cache_folder_is_one_line(tmp_path, override, key):
     bad = tmp_path / "a_file"

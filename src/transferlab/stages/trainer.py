@@ -3,7 +3,9 @@
 A CSV log is always written (``<run_dir>/csv/<stage>/metrics.csv``). W&B is added when
 ``logger.backend=wandb``: offline unless WANDB_MODE or ``logger.mode`` says otherwise, one W&B run
 per stage (job_type = stage), grouped by experiment. If W&B cannot start, the run goes on with
-the CSV log and a warning: a logging problem never costs local results.
+the CSV log and a warning: a logging problem never costs local results. Online, a server that
+does not answer within 3 s (a node without internet) means offline logging with one warning,
+not W&B's own ~90 s init timeout per stage.
 """
 
 from __future__ import annotations
