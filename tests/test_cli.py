@@ -110,7 +110,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     jobs = [line for line in lines[:summary] if line.startswith("job ")]
     assert jobs[0].startswith("job 0 [target.lr=-1 debug=fast backbone.channels=[8,16]]: failed: target.lr=-1.0")
     acc = runs[0.01]["metrics"]["target/test_acc"]
-    assert jobs[1].startswith(f"job 1 [target.lr=1e-2 debug=fast backbone.channels=[8,16]]: completed  test_acc {acc:.4f}  ")
+    assert jobs[1].startswith(f"job 1 [target.lr=0.01 debug=fast backbone.channels=[8,16]]: completed  test_acc {acc:.4f}  ")
     assert len(jobs) == 2 and jobs[1].endswith(" s")
 
 
