@@ -84,7 +84,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
             results["metrics"], results["task"] = run_stages(cfg, run_dir, results["metrics"])
         results["status"] = "completed"
     except BaseException as e:
-        results["status"] = "interrupted" if isinstance(e, Preempted) else "failed"
+        results["status"] = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
         results["error"] = one_line(e)
         raise
     finally:
