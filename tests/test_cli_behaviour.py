@@ -60,7 +60,7 @@ def test_epoch_lines_off_a_terminal_and_the_csv_epoch_on_step_rows(make_cfg, tmp
 def test_progress_bar_shows_loss_and_the_validation_metric(make_cfg, tmp_path, capsys):
     run_experiment(make_cfg("source=scratch", "target.epochs=1", "trainer.progress_bar=true"), tmp_path / "run")
     out = capsys.readouterr().out  # Lightning's tqdm bar writes to stdout
-    assert "Epoch 0: 100%" in out and re.search(r"loss=\d\.\d{3}, val_acc=\d\.\d{4}\]", out), out[-500:]
+    assert "[target] epoch 1/1: 100%" in out and re.search(r"loss=\d\.\d{3}, val_acc=\d\.\d{4}\]", out), out[-500:]
     assert "v_num" not in out
     assert "[target] epoch" not in out  # the bar replaces the lines
 

@@ -40,6 +40,11 @@ class LossBar(TQDMProgressBar):
         self.monitor = monitor
         self._loss: float | None = None
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        stage = self.monitor.split("/", 1)[0]  # which stage, and epochs counted from 1 as in the lines
+        self.train_progress_bar.set_description(f"[{stage}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % trainer.log_every_n_steps == 0 and outputs is not None:
             self._loss = float(outputs["loss"])  # a logging step: the module synced here anyway
