@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +16,11 @@ from hydra.core.global_hydra import GlobalHydra
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub in tests
+# The stage cache defaults to the user's cache folder: tests never write there. A run that names
+# paths.output_root keeps its cache beside it (compose_config); anything else lands here.
+_TEST_CACHE = tempfile.mkdtemp(prefix="transferlab-test-cache-")
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
+os.environ["TRANSFERLAB_CACHE"] = _TEST_CACHE
 
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402
@@ -25,9 +33,13 @@ FAST = ["logger=csv", "source.epochs=2", "target.epochs=2", "source.lr=1e-2", "t
 
 
 def compose_config(overrides: list[str] | None = None):
+    overrides = list(overrides or [])
+    roots = [o.split("=", 1)[1] for o in overrides if o.startswith("paths.output_root=")]
+    if roots and not any(o.startswith(("cache.dir=", "cache=")) for o in overrides):
+        overrides.append(f"cache.dir={roots[-1]}/cache")  # this test's own cache, as before the user cache dir
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides or []))
+        return compose("config", overrides=overrides)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ WANDB_FAST = ["logger=wandb", "source.epochs=1", "target.epochs=1", "backbone.ch
 
 
 def transferlab(*args, cwd: Path, env_extra=None):
-    env = {**os.environ, "TRANSFERLAB_OUTPUT": str(cwd / "out"), "WANDB_MODE": "offline", **(env_extra or {})}
+    env = {**os.environ, "TRANSFERLAB_OUTPUT": str(cwd / "out"), "TRANSFERLAB_CACHE": str(cwd / "out" / "cache"),
+           "WANDB_MODE": "offline", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "transferlab", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -49,6 +50,7 @@ def test_bad_value_is_one_line_nonzero_exit_and_a_failed_results_json(tmp_path):
     result = transferlab("target.lr=-1", *FAST[:2], cwd=tmp_path)
     assert result.returncode == 1
     assert "transferlab: error: target.lr=-1.0: must be > 0\n" in result.stderr
+    assert (result.stdout + result.stderr).count("must be > 0") == 1  # printed once, not logged as well
     assert "Traceback" not in result.stderr
     [results] = results_under(tmp_path / "out")
     assert results["status"] == "failed" and results["error"] == "target.lr=-1.0: must be > 0"
@@ -61,6 +63,11 @@ def test_single_run_prints_summary_and_writes_a_finished_offline_wandb_run(tmp_p
     [results] = results_under(tmp_path / "out")
     run_dir = Path(results["_dir"])
     assert results["status"] == "completed"
+    # Not a terminal: one progress line per epoch and stage, the metric the one selection used.
+    [source_line] = [line for line in result.stdout.splitlines() if line.startswith("[source] epoch 1/1  loss ")]
+    [target_line] = [line for line in result.stdout.splitlines() if line.startswith("[target] epoch 1/1  loss ")]
+    assert f"  val_acc {results['metrics']['target/val_acc']:.4f}  " in target_line and target_line.endswith(" s")
+    assert f"  stage cache: {tmp_path / 'out' / 'cache'}\n" in result.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one W&B run per stage
@@ -100,6 +107,14 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     runs = {r["config"]["target"]["lr"]: r for r in results_under(tmp_path / "out" / "multiruns")}
     assert runs[-1.0]["status"] == "failed" and "target.lr" in runs[-1.0]["error"]
     assert runs[0.01]["status"] == "completed"
+    # One line per finished job, before the sweep summary: overrides, status, primary metric, time.
+    lines = result.stdout.splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("sweep "))
+    jobs = [line for line in lines[:summary] if line.startswith("job ")]
+    assert jobs[0].startswith("job 0 [target.lr=-1 debug=fast backbone.channels=[8,16]]: failed: target.lr=-1.0")
+    acc = runs[0.01]["metrics"]["target/test_acc"]
+    assert jobs[1].startswith(f"job 1 [target.lr=0.01 debug=fast backbone.channels=[8,16]]: completed  test_acc {acc:.4f}  ")
+    assert len(jobs) == 2 and jobs[1].endswith(" s")
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")

@@ -92,6 +92,21 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
     assert sorted(runs) == sorted([source_id, target_id, target_id])
 
 
+def test_ctrl_c_keeps_what_was_measured_and_the_same_command_resumes(tmp_path, uninterrupted):
+    stopped = transferlab(tmp_path, kill_at="target:step5", signal_name="INT")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert stopped.stderr.count("transferlab: interrupted — rerun the same command to resume") == 1
+    assert "Traceback" not in stopped.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "interrupted" and "Ctrl-C in the target stage at step 5" in results["error"]
+    # The source stage had finished: its measurements stay (they were {} before).
+    assert results["metrics"]["source/test_acc_before"] == uninterrupted["source/test_acc_before"]
+    assert (tmp_path / "checkpoints" / "target.ckpt").is_file()
+    resumed = transferlab(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics(tmp_path) == uninterrupted
+
+
 def test_a_different_config_does_not_resume_from_stale_checkpoints(tmp_path):
     killed = transferlab(tmp_path, "trainer.checkpoint_every_n_steps=5", kill_at="target:step6")
     assert killed.returncode == -signal.SIGKILL

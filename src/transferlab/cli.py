@@ -12,12 +12,15 @@ import logging
 import math
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import register_schemas
 
@@ -38,7 +41,7 @@ CONF_DIR = find_conf_dir()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> float | None:
-    from transferlab.errors import Preempted, TransferlabError
+    from transferlab.errors import Interrupted, Preempted, TransferlabError
     from transferlab.experiment import format_summary, one_line, run_experiment
     from transferlab.launch import launch, quiet_third_party_logs
 
@@ -47,30 +50,53 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     share_cpu_with_parallel_jobs(cfg, hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    started = time.time()
     try:
         results = launch(cfg, run_dir, run_experiment)  # under DDP: one process per rank
+    except Interrupted as e:  # Ctrl-C: checkpoint written, what was measured kept in results.json
+        print(f"transferlab: interrupted — rerun the same command to resume ({e})", file=sys.stderr)
+        sys.exit(e.exit_code)
     except Preempted as e:  # checkpoint written: stop here (the whole sweep too); rerunning resumes
         print(f"transferlab: interrupted: {e}", file=sys.stderr)
-        sys.exit(Preempted.exit_code)
+        sys.exit(e.exit_code)
     except Exception as e:
         if in_sweep:
             # The job is recorded as failed in its results.json; the sweep goes on, and its
             # summary (transferlab.sweep) lists the failure and exits non-zero.
-            log.error("job failed: %s", one_line(e), exc_info=not isinstance(e, TransferlabError))
+            if not isinstance(e, TransferlabError):
+                log.error("job failed: %s", one_line(e), exc_info=True)
+            print(job_line(hydra_cfg, f"failed: {one_line(e)}", time.time() - started), flush=True)
             return math.nan if cfg.optimized_metric else None
         if not isinstance(e, TransferlabError):
             raise
-        log.error("%s", e)
+        # Printed once: results.json records it too (logging it as well printed it twice).
         print(f"transferlab: error: {e}", file=sys.stderr)
         sys.exit(1)
-    if results.get("skipped"):
+    if in_sweep:
+        status = "skipped (already completed)" if results.get("skipped") else results["status"]
+        print(job_line(hydra_cfg, status, time.time() - started, results), flush=True)
+    elif results.get("skipped"):
         print(f"{run_dir}: already completed with this config, skipped (force=true reruns it)")
-    elif not in_sweep:
+    else:
         print(f"\n{cfg.name} (seed {cfg.seed}) → {run_dir}\n{format_summary(results)}")
+        if cfg.cache.enabled:
+            print(f"  stage cache: {cfg.cache.dir}")
         if (run_dir / "wandb").is_dir():
             print(f"  W&B runs (offline): {run_dir / 'wandb'}  — upload: wandb sync {run_dir / 'wandb'}/offline-run-*")
         print()
     return objective(cfg, results)
+
+
+def job_line(hydra_cfg, status: str, wall_s: float, results: dict | None = None) -> str:
+    """A multirun job's one line: its number and overrides, status, test primary metric, wall time."""
+    overrides = " ".join(hydra_cfg.overrides.task) or "(no overrides)"
+    parts = [f"job {hydra_cfg.job.num} [{overrides}]: {status}"]
+    primary = ((results or {}).get("task") or {}).get("primary_metric")
+    value = (results or {}).get("metrics", {}).get(f"target/test_{primary}") if primary else None
+    if value is not None:
+        parts.append(f"test_{primary} {value:.4f}")
+    parts.append(f"{wall_s:.1f} s")
+    return "  ".join(parts)
 
 
 def objective(cfg: DictConfig, results: dict) -> float | None:
@@ -170,24 +196,68 @@ def default_choices() -> dict[str, str]:
     return {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items() if "@" not in k}
 
 
+class CheckWritableDirs(Callback):
+    """Before Hydra creates the run (or sweep) directory: the output and cache folders must be
+    writable, else one line naming the path (Hydra's own mkdir would end in a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self.check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def check(config: DictConfig, dir_key: str) -> None:
+        folders = [(dir_key, f"point TRANSFERLAB_OUTPUT (or paths.output_root, {dir_key}) at a writable folder")]
+        if config.cache.enabled:
+            folders.append(("cache.dir", "point TRANSFERLAB_CACHE (or cache.dir) at a writable folder, or cache=off"))
+        for key, fix in folders:
+            path = Path(str(OmegaConf.select(config, key)))
+            problem = unwritable(path)
+            if problem:
+                print(f"transferlab: error: cannot write to {key}={path} ({problem}): {fix}", file=sys.stderr)
+                sys.exit(1)
+
+
+def unwritable(path: Path) -> str | None:
+    """Why `path` could not be created and written, or None. Creates nothing that stays: its
+    nearest existing ancestor gets a temporary file."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from transferlab.report import main as report_main
+    # Ctrl-C before the run's own handler is installed (imports, composing the config): no traceback.
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] == "report":
+            from transferlab.report import main as report_main
 
-        sys.exit(report_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "status":
-        from transferlab.status import main as status_main
+            sys.exit(report_main(sys.argv[2:]))
+        if len(sys.argv) > 1 and sys.argv[1] == "status":
+            from transferlab.status import main as status_main
 
-        sys.exit(status_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "soup":
-        from transferlab.soup import main as soup_main
+            sys.exit(status_main(sys.argv[2:]))
+        if len(sys.argv) > 1 and sys.argv[1] == "soup":
+            from transferlab.soup import main as soup_main
 
-        sys.exit(soup_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h"):
-        print(help_text())
-        return
-    register_schemas()
-    hydra_entry()
+            sys.exit(soup_main(sys.argv[2:]))
+        if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h"):
+            print(help_text())
+            return
+        register_schemas()
+        hydra_entry()
+    except KeyboardInterrupt:
+        print("\ntransferlab: interrupted — rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ class TrainerConfig:
     precision: str = "32-true"
     deterministic: bool = True
     log_every_n_steps: int = 10
-    progress_bar: bool = False
+    # auto: a bar on a terminal, else one line per epoch (logs, CI, SLURM); true: the bar; false: neither
+    progress_bar: Any = "auto"
     gradient_clip_val: Optional[float] = None
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default, or shared fairly under joblib)
     strategy: str = "auto"  # auto (one process), ddp (conf/trainer/ddp*.yaml) or fsdp_layers (trainer=fsdp)
@@ -157,7 +158,8 @@ class PathsConfig:
 @dataclass
 class CacheConfig:
     enabled: bool = True
-    dir: str = "outputs/cache"
+    # $TRANSFERLAB_CACHE, else the user cache dir: independent of the working directory
+    dir: str = "${oc.env:TRANSFERLAB_CACHE,${oc.env:XDG_CACHE_HOME,${oc.env:HOME}/.cache}/transferlab}"
     lock: str = "auto"  # auto | flock | soft (shared filesystems); see cache.py
     stale_lock_s: float = 300.0  # soft lock: broken when its heartbeat has not moved for this long
 
@@ -345,6 +347,9 @@ def validate(cfg) -> None:
                           "(0: every step; null: only every checkpoint_every_n_steps and on SIGTERM)")
     if cfg.trainer.checkpoint_every_n_steps is not None:
         positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
+    if str(cfg.trainer.progress_bar).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"trainer.progress_bar={cfg.trainer.progress_bar}: choose auto (a bar on a terminal, "
+                          "else a line per epoch), true (the bar) or false (neither)")
 
     src, tgt = list(cfg.data.source_classes), list(cfg.data.target_classes)
     if not tgt:

@@ -17,3 +17,9 @@ class Preempted(TransferlabError):
     """SIGTERM arrived: a checkpoint was written and the run stopped; the same command resumes it."""
 
     exit_code = 143  # 128 + SIGTERM: interrupted, not failed and not finished
+
+
+class Interrupted(Preempted):
+    """Ctrl-C (SIGINT), handled like SIGTERM: a checkpoint, what was measured kept, a clean stop."""
+
+    exit_code = 130  # 128 + SIGINT, what shells report for Ctrl-C

@@ -83,10 +83,11 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         validate(cfg)
         check_devices(cfg.trainer)
         with stop_on_sigterm():
-            results["metrics"], results["task"] = run_stages(cfg, run_dir)
+            # run_stages fills results["metrics"] as it goes: an interrupted run keeps what it measured.
+            results["metrics"], results["task"] = run_stages(cfg, run_dir, results["metrics"])
         results["status"] = "completed"
     except BaseException as e:
-        results["status"] = "interrupted" if isinstance(e, Preempted) else "failed"
+        results["status"] = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
         results["error"] = one_line(e)
         raise
     finally:
@@ -198,15 +199,17 @@ class Setup:
         return self.mode in ("train", "checkpoint")
 
 
-def run_stages(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-    """The stages in order; returns (metrics, the task block of results.json)."""
+def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> tuple[dict, dict]:
+    """The stages in order; returns (metrics, the task block of results.json). `metrics`, when
+    given, is filled in place as each stage measures."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     cache = (StageCache(cfg.cache.dir, lock=cfg.cache.lock, stale_lock_s=cfg.cache.stale_lock_s)
              if cfg.cache.enabled else None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     setup = build_setup(cfg)
-    metrics: dict = {f"data/target_{k}_size": v for k, v in setup.data.target.sizes().items()}
+    metrics = {} if metrics is None else metrics
+    metrics.update({f"data/target_{k}_size": v for k, v in setup.data.target.sizes().items()})
     source_model = source_stage(cfg, setup, run_dir, cache, metrics)
     # Adapters (LoRA) go in after the source stage, which trains without them, and before the
     # methods' statistics (EWC's Fisher), which then cover what the target stage trains.

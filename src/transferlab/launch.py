@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from transferlab.collectives import check_devices, ranks_exist, world_size_of
 from transferlab.config import Config, register_schemas, validate
-from transferlab.errors import ConfigError, Preempted, TransferlabError
+from transferlab.errors import ConfigError, Interrupted, Preempted, TransferlabError
 from transferlab.results import read_results
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,18 @@ def launch(cfg, run_dir: Path, run) -> dict:
              for rank in range(world_size)]
     for process in ranks:
         process.start()
-    failed = _wait(ranks)
+    # Ctrl-C reaches every rank too (one process group): they checkpoint and stop; this process
+    # waits for them instead of dying first and leaving them without a parent.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
+    try:
+        failed = _wait(ranks)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     results = read_results(run_dir)
     if failed or results.get("status") != "completed":
+        if failed and failed[1] == Interrupted.exit_code:
+            raise Interrupted(results.get("error") or f"Ctrl-C: DDP rank {failed[0]} stopped")
         if results.get("status") == "interrupted":
             raise Preempted(results.get("error") or "interrupted")
         raise TransferlabError(results.get("error") or f"DDP rank {failed[0]} exited with code {failed[1]}")
@@ -87,8 +98,8 @@ def _rank_main(config_yaml: str, run_dir: str, rank: int, env: dict) -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml))
     try:
         run_experiment(cfg, Path(run_dir))
-    except Preempted:
-        raise SystemExit(Preempted.exit_code)
+    except Preempted as e:  # SIGTERM 143, Ctrl-C 130
+        raise SystemExit(e.exit_code)
     except TransferlabError as e:
         log.error("rank %d: %s", rank, e)
         raise SystemExit(1)

@@ -79,6 +79,7 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
     """Per-step metrics straight to the loggers. `self.log` costs ~0.4-1 ms a call on CPU (its
     result-collection bookkeeping), a fifth of a small model's step; per-epoch metrics that
     callbacks read (val_acc for selection, early stopping) still go through `self.log`."""
+    metrics = {**metrics, "epoch": trainer.current_epoch}  # as self.log adds it: the CSV row's epoch
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 

@@ -11,7 +11,8 @@ numbers the uninterrupted one would have drawn.
 
 On SIGTERM (what SLURM sends before preemption) Lightning's handler sets `received_sigterm`; the
 next batch end writes a checkpoint and raises `Preempted`: the run stops cleanly and the same
-command resumes it.
+command resumes it. Ctrl-C (SIGINT) is handled the same way (`Interrupted`, exit 130); a second
+Ctrl-C exits at once (the last checkpoint stands).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 
 from transferlab.data.loaders import EpochBatches
-from transferlab.errors import Preempted
+from transferlab.errors import Interrupted, Preempted
 
 # Read once: the check runs after every training step.
 KILL_AT = os.environ.get("TRANSFERLAB_KILL_AT")
@@ -41,29 +43,45 @@ def fault_point(name: str) -> None:
     steps and between stages this way, not by sleeping. Points: <stage>:step<n>, after:<stage>."""
     if KILL_AT == name:
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("TRANSFERLAB_KILL_SIGNAL", "KILL")))
+    if name.startswith("after:") and _interrupted.is_set():
+        # A Ctrl-C during a stage's last validation lets the stage finish; its result is saved now.
+        raise Interrupted(f"Ctrl-C during the {name[6:]} stage (its result is saved)")
 
 
 _fitting = threading.Event()  # set while a stage trains: SIGTERM then waits for the batch end
+_interrupted = threading.Event()  # Ctrl-C seen: the stage stops at the next batch end
 
 
 @contextlib.contextmanager
 def stop_on_sigterm():
-    """SIGTERM outside training (data prep, evaluation) raises Preempted at once: what finished
-    is saved (stage results, checkpoints) and a rerun resumes from it. During training,
-    Lightning's own handler flags it and StageCheckpoint stops after the current batch."""
+    """SIGTERM or Ctrl-C outside training (data prep, evaluation) raises Preempted / Interrupted at
+    once: what finished is saved (stage results, checkpoints) and a rerun resumes from it. During
+    training, Lightning's own handler flags SIGTERM (ours flags Ctrl-C) and StageCheckpoint stops
+    after the current batch. A second Ctrl-C exits at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _interrupted.clear()
 
-    def handler(signum, frame):
+    def on_sigterm(signum, frame):
         if not _fitting.is_set():
             raise Preempted("stopped by SIGTERM between training stages; run the same command again to resume")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def on_sigint(signum, frame):
+        if _interrupted.is_set():
+            print("transferlab: interrupted again: exiting now (the last checkpoint stands)", file=sys.stderr,
+                  flush=True)
+            os._exit(Interrupted.exit_code)
+        _interrupted.set()
+        if not _fitting.is_set():
+            raise Interrupted("Ctrl-C between training stages")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm), signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 @contextlib.contextmanager
@@ -116,13 +134,15 @@ class StageCheckpoint(pl.Callback):
         step = trainer.global_step
         if KILL_AT:
             fault_point(f"{self.stage}:step{step}")
-        preempted = trainer.received_sigterm
+        preempted, interrupted = trainer.received_sigterm, _interrupted.is_set()
         due = self.interval_s is not None and time.monotonic() - self._last_save >= self.interval_s
         if trainer.world_size > 1:  # a save is collective: every rank must take rank 0's decision
-            preempted, due = trainer.strategy.broadcast((preempted, due), src=0)
-        if preempted or due or (self.every_n_steps and step % self.every_n_steps == 0):
+            preempted, interrupted, due = trainer.strategy.broadcast((preempted, interrupted, due), src=0)
+        if preempted or interrupted or due or (self.every_n_steps and step % self.every_n_steps == 0):
             self._position = (trainer.current_epoch, batch_idx + 1)
             self.save(trainer)
+        if interrupted and not preempted:
+            raise Interrupted(f"Ctrl-C in the {self.stage} stage at step {step}; checkpoint {self.path} written")
         if preempted:
             raise Preempted(f"stopped by SIGTERM in the {self.stage} stage at step {step}; checkpoint "
                             f"{self.path} written: run the same command again to resume")

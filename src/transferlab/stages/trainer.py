@@ -3,13 +3,18 @@
 A CSV log is always written (``<run_dir>/csv/<stage>/metrics.csv``). W&B is added when
 ``logger.backend=wandb``: offline unless WANDB_MODE or ``logger.mode`` says otherwise, one W&B run
 per stage (job_type = stage), grouped by experiment. If W&B cannot start, the run goes on with
-the CSV log and a warning: a logging problem never costs local results.
+the CSV log and a warning: a logging problem never costs local results. Online, a server that
+does not answer within 3 s (a node without internet) means offline logging with one warning,
+not W&B's own ~90 s init timeout per stage.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import urllib.parse
 import uuid
 import warnings
 from pathlib import Path
@@ -24,6 +29,7 @@ from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.collectives import is_global_zero, rank_and_world_size, uses_cuda
 from transferlab.errors import Preempted
 from transferlab.stages.checkpointing import StageCheckpoint, fitting, stage_checkpoint_path
+from transferlab.stages.progress import progress_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,14 @@ def make_loggers(cfg, run_dir: Path, stage: str) -> list[Logger]:
 
 def _wandb_logger(cfg, run_dir: Path, stage: str):
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+    if os.environ["WANDB_MODE"] in ("online", "run", "shared"):
+        problem = wandb_unreachable()
+        if problem:
+            # W&B itself would retry for ~90 s per stage before giving up: decide now, once per
+            # process (the next stage sees offline), and keep the run as an offline one to sync.
+            os.environ["WANDB_MODE"] = "offline"
+            log.warning("W&B: cannot reach %s (%s): logging offline to %s; upload later with wandb sync",
+                        wandb_host(), problem, run_dir / "wandb")
     try:
         import wandb
         from pytorch_lightning.loggers import WandbLogger
@@ -70,6 +84,32 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
         log.warning("W&B logging disabled for the %s stage (%s: %s); the CSV log is still written",
                     stage, type(e).__name__, e)
         return None
+
+
+def wandb_host() -> str:
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url  # the default host moves between versions
+
+
+def wandb_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why W&B's server cannot be reached within `timeout_s` (None: it can). Name resolution has no
+    timeout of its own (a node without a resolver can hang in it), so the probe runs in a thread."""
+    url = urllib.parse.urlparse(wandb_host())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return outcome[0] if outcome else f"no answer in {timeout_s:.0f} s"
 
 
 def wandb_run_id(run_dir: Path, stage: str) -> str:
@@ -121,7 +161,8 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
     checkpoint = StageCheckpoint(stage_checkpoint_path(run_dir, stage), stage, train.sampler,
                                  cfg.trainer.checkpoint_every_n_steps, cfg.trainer.checkpoint_interval_s)
     loggers = make_loggers(cfg, run_dir, stage) if loggers is None else loggers
-    trainer = make_trainer(cfg, epochs=epochs, loggers=loggers, callbacks=[*callbacks, checkpoint], run_dir=run_dir)
+    trainer = make_trainer(cfg, epochs=epochs, loggers=loggers, callbacks=[*callbacks, checkpoint], run_dir=run_dir,
+                           stage=stage, monitor=f"{stage}/val_{module.task.primary}")
     resume = checkpoint.resume_path()
     if resume:
         log.info("%s stage: resuming from %s", stage, resume)
@@ -133,7 +174,7 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
         raise Preempted(f"stopped by SIGTERM in the {stage} stage; run the same command again to resume "
                         f"from {checkpoint.path}") from None
     except BaseException as e:
-        finish_loggers(loggers, exit_code=1 if not isinstance(e, Preempted) else Preempted.exit_code)
+        finish_loggers(loggers, exit_code=e.exit_code if isinstance(e, Preempted) else 1)
         raise
     finish_loggers(loggers, exit_code=0)
     return trainer  # the caller saves the stage's result, then removes the stage checkpoint
@@ -172,10 +213,13 @@ def register_fsdp_strategy() -> None:
 
 
 def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.Callback],
-                 run_dir: Path) -> pl.Trainer:
+                 run_dir: Path, stage: str | None = None, monitor: str | None = None) -> pl.Trainer:
+    """With `stage`, the progress display `trainer.progress_bar` asks for (a bar or a line per
+    epoch showing `monitor`, see progress.py); without, none."""
     t = cfg.trainer
     if t.strategy == FSDP_STRATEGY:
         register_fsdp_strategy()
+    progress, bar = progress_callbacks(t.progress_bar, stage, monitor) if stage else ([], False)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator=t.accelerator,
@@ -187,9 +231,9 @@ def make_trainer(cfg, *, epochs: int, loggers: list[Logger], callbacks: list[pl.
         deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=bar,
         logger=loggers or False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *progress],
         default_root_dir=str(run_dir),
         # Selection is KeepBestWeights' job; the stages write their own checkpoints.
         enable_checkpointing=False,
