@@ -372,7 +372,7 @@ def test_a_killed_lora_run_resumes_to_identical_metrics(tmp_path, saved_gpt2):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["target.ckpt"]
     run_experiment(cfg, run_dir)  # in this process: no kill hook
     assert json.loads((run_dir / "results.json").read_text())["provenance"]["resumed"] is True
-    drop = ("time/", "cache/")
+    drop = ("time/", "cache/", "efficiency/")
     assert ({k: v for k, v in completed(run_dir).items() if not k.startswith(drop)}
             == {k: v for k, v in reference.items() if not k.startswith(drop)})
 

@@ -37,7 +37,8 @@ def metrics(run_dir: Path) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed", results["error"]
     # time/* are wall times; cache/* say where a stage came from, not what it computed.
-    return {k: v for k, v in results["metrics"].items() if not k.startswith(("time/", "cache/"))}
+    return {k: v for k, v in results["metrics"].items()
+            if not k.startswith(("time/", "cache/", "efficiency/"))}  # measurements, not results
 
 
 @pytest.fixture(scope="module")

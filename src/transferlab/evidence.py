@@ -257,6 +257,7 @@ def transferability_section(runs: list[dict], plots: Path, out_dir: Path) -> lis
     lines += ["", row(["score", "settings", f"Kendall τ vs {head} (p)", f"Spearman ρ vs {head} (p)",
                        "Kendall τ vs gain (p)", "Spearman ρ vs gain (p)"]),
               row(["---", "---:", "---:", "---:", "---:", "---:"])]
+    figure_part: list[str] = []  # after the table, which they would otherwise split
     for s in present:
         key = f"transferability/{s}"
         xs = [m[key] for m in means.values()]
@@ -269,9 +270,10 @@ def transferability_section(runs: list[dict], plots: Path, out_dir: Path) -> lis
         if len(points) >= 2:
             note = (f"Kendall τ = {outcome['kendall_tau']:.2f} (p = {outcome['kendall_p']:.2g}), n = {outcome['n']} "
                     "settings" if outcome["n"] >= 3 and not math.isnan(outcome["kendall_tau"]) else None)
-            lines += figure_lines(figures.scatter(points, key, head, note=note,
-                                                  save_to=plots / f"transferability_{s}_vs_{slug(head)}"), out_dir)
-    return lines
+            figure_part += figure_lines(figures.scatter(points, key, head, note=note,
+                                                        save_to=plots / f"transferability_{s}_vs_{slug(head)}"), out_dir)
+    lines += ["", "Correlations need at least 3 settings with the score (scratch runs have no LEEP / NCE)."]
+    return lines + figure_part
 
 
 def corr(result: dict, name: str) -> str:
