@@ -48,10 +48,10 @@ PER_SAMPLE_GRAD_BYTES = 1 << 30
 # outputs stay under this many bytes (measured on the first chunk, of PROBE_EXAMPLES): about
 # 1 GB of activations in all on MiniLM; a small CNN's batches stay whole.
 LAYER_OUTPUT_BYTES = 1 << 29
-PROBE_EXAMPLES = 16
+PROBE_EXAMPLES = 32
 # One layer's per-example gradients are formed this many bytes at a time (at least one example's):
 # several examples of a small layer per product, and they stay in the cache.
-LAYER_GRAD_BYTES = 1 << 22
+LAYER_GRAD_BYTES = 1 << 20
 
 METHODS = ("hooks", "vmap")
 
