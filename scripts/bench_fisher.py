@@ -18,8 +18,11 @@ Ways (all in eval mode, all exact but the floor):
   vmap eager   the same with HF's eager attention (SDPA has no vmap batching rule on CPU)
   hooks        `diagonal_fisher()` (default): per-layer rules inside one batched backward
 Each is run `--repeats` times round-robin after a warm-up, so a slow spell of the (shared) machine
-hits all alike; the table gives the minimum and the median, and ratios of minima to the floor's.
-Wall times on a machine shared with other processes are upper bounds.
+hits all alike. The table gives wall times (minimum, median) and this process's CPU time
+(`time.process_time`): on a machine shared with other processes wall times are upper bounds and
+swing by several x between rounds, while CPU time counts the work done. Ratios to the floor: of the
+CPU minima, and paired (the median over rounds of each round's ratio). With more than one thread,
+CPU time also counts threads spinning while they wait; `--threads 1` is the cleanest measurement.
 
 Then the largest relative difference of hooks and vmap from the loop over the parameters
 (max |F - F_loop| / max |F_loop|, per parameter), and, in a fresh subprocess each, the peak
@@ -118,10 +121,12 @@ def set_attention(model, implementation: str) -> None:
     model.backbone.model_config._attn_implementation = implementation
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on a machine other processes share, the CPU
+    time is what the work itself took; the wall time includes waiting for a core."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def compare(name: str, model, ways: dict, x, y, repeats: int) -> dict:
@@ -149,15 +154,20 @@ def compare(name: str, model, ways: dict, x, y, repeats: int) -> dict:
             (float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want if want[n].abs().max() > 1e-12),
             default=0.0)
     set_attention_default()
-    base = min(times["floor"])
+    wall = {w: [t[0] for t in ts] for w, ts in times.items()}
+    cpu = {w: [t[1] for t in ts] for w, ts in times.items()}
+    # paired: each round's ratio to the same round's floor, then the median over rounds
+    paired = {w: statistics.median(c / f for c, f in zip(cpu[w], cpu["floor"])) for w in times}
     print(f"\n{name}: {len(y)} examples, {sum(p.numel() for p in params.values()) / 1e6:.2f}M backbone parameters, "
           f"{repeats} rounds, {torch.get_num_threads()} threads")
-    print(f"  {'way':<12} {'min s':>8} {'median s':>9} {'x floor':>8}")
-    for w, ts in times.items():
-        print(f"  {w:<12} {min(ts):8.3f} {statistics.median(ts):9.3f} {min(ts) / base:8.2f}")
+    print(f"  {'way':<12} {'wall min s':>10} {'wall median':>11} {'CPU min s':>10} {'CPU x floor':>11} {'paired':>7}")
+    for w in times:
+        print(f"  {w:<12} {min(wall[w]):10.3f} {statistics.median(wall[w]):11.3f} {min(cpu[w]):10.3f} "
+              f"{min(cpu[w]) / min(cpu['floor']):11.2f} {paired[w]:7.2f}")
     for w, e in errors.items():
         print(f"  max relative difference from the loop, {w}: {e:.2e}")
-    return {"times": times, "ratios": {w: min(ts) / base for w, ts in times.items()}, "errors": errors}
+    return {"wall": wall, "cpu": cpu, "cpu_ratio_of_minima": {w: min(cpu[w]) / min(cpu["floor"]) for w in times},
+            "cpu_ratio_paired_median": paired, "errors": errors}
 
 
 # -- peak memory, in a fresh process ---------------------------------------------------------------
@@ -168,7 +178,7 @@ def memory_child(examples: int, length: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     start = time.perf_counter()
     diagonal_fisher(model, params, [(x, y)])
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # wall
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rss_before_mib": before, "peak_rss_mib": peak, "seconds": seconds}))
 
@@ -215,7 +225,7 @@ def main() -> None:
 
     if not args.skip_memory:
         results["memory"] = peak_memory(256, 128, args.threads)
-    print("\n" + json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "times"} if k != "memory" else v
+    print("\n" + json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("wall", "cpu")} if k != "memory" else v
                              for k, v in results.items()}, default=float))
 
 

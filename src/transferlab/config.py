@@ -65,6 +65,8 @@ class TargetConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     early_stopping_patience: Optional[int] = None  # epochs without val improvement (None: off)
+    # blocks frozen for the whole stage: their output computed once, where exact (stages/frozen_prefix.py)
+    cache_frozen_blocks: bool = True
 
 
 @dataclass

@@ -16,7 +16,8 @@ from transferlab.regularizers import Regularizer
 from transferlab.stages.callbacks import KeepBestWeights
 from transferlab.stages.module import TaskModule
 from transferlab.stages.checkpointing import stage_checkpoint_path
-from transferlab.stages.trainer import fit_stage
+from transferlab.stages.frozen_prefix import frozen_prefix_stage
+from transferlab.stages.trainer import fit_stage, stage_device
 
 
 def selection_metric(task) -> str:
@@ -43,7 +44,11 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     callbacks = [c for c in (freeze, regularizer) if c.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
-    trainer = fit_stage(cfg, module, task, stage="target", epochs=cfg.target.epochs, batch_size=cfg.target.batch_size,
+    fit_module, fit_task = module, task  # frozen blocks computed once: same blocks and head, cached inputs
+    if cfg.target.get("cache_frozen_blocks", True):
+        always_frozen = freeze.always_frozen(len(backbone.blocks), cfg.target.epochs)
+        fit_module, fit_task = frozen_prefix_stage(cfg, module, task, always_frozen, stage_device(cfg.trainer)) or (module, task)
+    trainer = fit_stage(cfg, fit_module, fit_task, stage="target", epochs=cfg.target.epochs, batch_size=cfg.target.batch_size,
                         seed=cfg.seed + 1, callbacks=callbacks, run_dir=run_dir, loggers=loggers)
     info = {monitor: best.best_score, "target/best_epoch": best.best_epoch, "target/epochs_run": trainer.current_epoch}
     if is_global_zero():
