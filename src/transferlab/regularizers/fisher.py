@@ -45,10 +45,9 @@ from transferlab.stages.evaluate import evaluating, to_device
 PER_SAMPLE_GRAD_BYTES = 1 << 30
 # hooks path: the activations a batch keeps for its backward pass grow with examples x tokens
 # (MiniLM at 128 tokens: ~27 MB an example). Batches are cut into chunks whose covered layers'
-# outputs stay under this many bytes (measured on the first chunk, of PROBE_EXAMPLES): about
+# outputs stay under this many bytes (measured by a forward pass of the first example): about
 # 1 GB of activations in all on MiniLM; a small CNN's batches stay whole.
 LAYER_OUTPUT_BYTES = 1 << 29
-PROBE_EXAMPLES = 32
 # One layer's per-example gradients are formed this many bytes at a time (at least one example's):
 # several examples of a small layer per product, and they stay in the cache.
 LAYER_GRAD_BYTES = 1 << 20
@@ -273,12 +272,14 @@ class HookedSquares:
                 self.covered[module] = (rule, mine)
         done = {name for _, names in self.covered.values() for name in names.values()}
         self.rest = {name: p for name, p in params.items() if name not in done}
-        self.chunk: int | None = None  # examples per pass, set by the first chunk's measurement
+        self.chunk: int | None = None  # examples per pass, from the first example's measurement
 
     def add(self, x, y: torch.Tensor, fisher: dict[str, torch.Tensor]) -> None:
         start = 0
         while start < len(y):
-            size = self.chunk or min(len(y), PROBE_EXAMPLES)
+            if self.chunk is None and self.covered:
+                self.chunk = max(1, LAYER_OUTPUT_BYTES // self.output_bytes(tree_map(lambda t: t[:1], x)))
+            size = self.chunk or len(y)
             part = slice(start, start + size)
             xs, ys = tree_map(lambda t: t[part], x), y[part]
             if self.covered:
@@ -287,10 +288,25 @@ class HookedSquares:
                 add_vmap_squares(self.model, self.rest, xs, ys, fisher)
             start += size
 
+    def output_bytes(self, x) -> int:
+        """Bytes of the covered layers' outputs for one example x (what a pass keeps grows with it)."""
+        total = [0]
+
+        def count(module, inputs, output):
+            total[0] += output.numel() * output.element_size()
+
+        handles = [m.register_forward_hook(count) for m in self.covered]
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return max(1, total[0])
+
     def add_chunk(self, x, y: torch.Tensor, fisher: dict[str, torch.Tensor]) -> None:
         examples, calls = len(y), Counter()
         untrusted: set[nn.Module] = set()
-        output_bytes = [0]
         uses = ParameterUses({id(self.params[name]): m for m, (_, names) in self.covered.items() for name in names.values()})
 
         def on_forward_start(module, args, kwargs):
@@ -299,7 +315,6 @@ class HookedSquares:
         def on_forward(module, args, kwargs, output):
             uses.inside = None
             calls[module] += 1
-            output_bytes[0] += output.numel() * output.element_size()
             if not output.requires_grad:  # nothing upstream requires grad: the graph starts here
                 output.requires_grad_()
             a = (args[0] if args else kwargs["input"]).detach()
@@ -345,9 +360,6 @@ class HookedSquares:
             for p, flag in requires_grad:
                 p.requires_grad_(flag)
         untrusted |= uses.outside | {m for m, c in calls.items() if c > 1}
-        if self.chunk is None:
-            per_example = max(1, output_bytes[0] // len(y))
-            self.chunk = max(1, LAYER_OUTPUT_BYTES // per_example)
         for module in untrusted:  # from now on the vmap way, this chunk included (in `add`)
             _, names = self.covered.pop(module)
             self.rest.update({name: self.params[name] for name in names.values()})
