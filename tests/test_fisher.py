@@ -237,3 +237,21 @@ def test_efficientnet_same_padding_convolutions_are_covered_and_match():
     x, y = torch.rand(6, 1, 28, 28, generator=g), torch.randint(0, 3, (6,), generator=g)
     assert covered_everything(model, params)  # depthwise, strided, padded: all by rules
     assert_fisher_close(diagonal_fisher(model, params, [(x, y)]), loop_fisher(model, params, x, y))
+
+
+def test_lora_adapters_are_covered_and_match(minilm_task):
+    from peft import LoraConfig, inject_adapter_in_model
+    from transferlab.backbones.minilm import MiniLM
+
+    torch.manual_seed(0)
+    backbone = MiniLM(num_layers=1)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), backbone)
+    with torch.no_grad():  # B != 0, so A's Fisher is not trivially zero
+        for n, p in backbone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, 3))
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n or "LayerNorm" in n}
+    _, _, x, y = minilm_task
+    assert covered_everything(model, params)
+    assert_fisher_close(diagonal_fisher(model, params, [(x, y)]), loop_fisher(model, params, x, y))
