@@ -255,3 +255,15 @@ def test_lora_adapters_are_covered_and_match(minilm_task):
     _, _, x, y = minilm_task
     assert covered_everything(model, params)
     assert_fisher_close(diagonal_fisher(model, params, [(x, y)]), loop_fisher(model, params, x, y))
+
+
+def test_an_in_place_op_right_after_the_first_layer():
+    from transferlab.backbones.mlp import MLP
+
+    torch.manual_seed(0)
+    backbone = MLP((1, 8, 8), hidden=[16, 8], dropout=0.2)  # Linear -> ReLU(inplace=True) first
+    model = nn.Sequential(backbone, nn.Linear(8, 3))
+    params = dict(model.named_parameters())
+    x, y = images(n=10)
+    assert covered_everything(model, params)
+    assert_fisher_close(diagonal_fisher(model, params, [(x, y)]), loop_fisher(model, params, x, y))

@@ -320,8 +320,11 @@ class HookedSquares:
         def on_forward(module, args, kwargs, output):
             uses.inside = None
             calls[module] += 1
-            if not output.requires_grad:  # nothing upstream requires grad: the graph starts here
-                output.requires_grad_()
+            if not output.requires_grad:
+                # Nothing upstream requires grad: the graph starts here, at a zero that does. (Not
+                # output.requires_grad_(): a leaf that requires grad cannot take a later in-place
+                # op, e.g. ReLU(inplace=True).) x + 0 is x.
+                output = output + torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
             a = (args[0] if args else kwargs["input"]).detach()
             version = a._version  # shared with the input: an in-place change after this shows
             rule, names = self.covered[module]
