@@ -174,7 +174,6 @@ def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], 
     if reason is not None:
         log.info("target stage: frozen blocks 0..%d run every epoch: %s", k - 1, reason)
         return None
-    module.to(device)
     with evaluating(module):
         splits = {name: cache_split(backbone, k, getattr(task, name), device, text) for name in ("train", "val")}
     cached = TaskModule(suffix, module.head, task=module.task, lr=module.lr, weight_decay=module.weight_decay,
