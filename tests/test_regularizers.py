@@ -179,7 +179,7 @@ def test_fisher_in_bounded_chunks_equals_whole_batches(monkeypatch):
     model = nn.Sequential(backbone, head)
     params = {n: p for n, p in model.named_parameters() if n.startswith("0.")}
     data = [batch(seed=4, n=24)]
-    whole = diagonal_fisher(model, params, data)
+    whole = diagonal_fisher(model, params, data, method="vmap")
     sizes = []
     real_vmap = fisher_module.vmap
 
@@ -190,7 +190,7 @@ def test_fisher_in_bounded_chunks_equals_whole_batches(monkeypatch):
     per_sample = sum(p.numel() * p.element_size() for p in params.values())
     monkeypatch.setattr(fisher_module, "vmap", recording_vmap)
     monkeypatch.setattr(fisher_module, "PER_SAMPLE_GRAD_BYTES", 5 * per_sample)  # 5 samples' gradients
-    chunked = diagonal_fisher(model, params, data)
+    chunked = diagonal_fisher(model, params, data, method="vmap")
     assert sizes == [5, 5, 5, 5, 4]
     for n in whole:
         torch.testing.assert_close(chunked[n], whole[n], atol=1e-7, rtol=1e-6)

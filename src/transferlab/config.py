@@ -108,6 +108,8 @@ class TargetConfig:
     # Hydra partials (conf/optimizer, conf/scheduler): optimizer=sgd scheduler=cosine
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    # blocks frozen for the whole stage: their output computed once, where exact (stages/frozen_prefix.py)
+    cache_frozen_blocks: bool = True
 
 
 @dataclass

@@ -75,6 +75,7 @@ def zero_channel(c: int):
 
 class DELTA(Regularizer):
     has_loss_term = True
+    reads_raw_inputs = True  # the start copy runs on the batch's inputs: no frozen-block cache
 
     def __init__(self, alpha: NonNegative = 0.01, beta: NonNegative = 0.01, blocks: Optional[list[int]] = None,
                  attention: bool = True, attention_examples: PositiveInt = 256):

@@ -17,7 +17,8 @@ from transferlab.method import MethodContext
 from transferlab.regularizers import Regularizer
 from transferlab.stages.callbacks import KeepBestWeights
 from transferlab.stages.module import TaskModule
-from transferlab.stages.trainer import fit_stage
+from transferlab.stages.frozen_prefix import frozen_prefix_stage
+from transferlab.stages.trainer import fit_stage, stage_device
 from transferlab.tasks import task_of
 
 
@@ -45,9 +46,15 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     callbacks = [m for m in methods if m.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
+    fit_module, fit_task = module, task  # frozen blocks computed once: same blocks and head, cached inputs
+    if cfg.target.cache_frozen_blocks:
+        always_frozen = freeze.always_frozen(len(backbone.blocks), cfg.target.epochs)
+        fit_module, fit_task = frozen_prefix_stage(cfg, module, task, always_frozen, stage_device(cfg.trainer),
+                                                   methods) or (module, task)
     started = time.perf_counter()
-    trainer = fit_stage(cfg, module, task, stage="target", epochs=cfg.target.epochs, batch_size=cfg.target.batch_size,
-                        seed=cfg.seed + 1, callbacks=callbacks, run_dir=run_dir, loggers=loggers)
+    trainer = fit_stage(cfg, fit_module, fit_task, stage="target", epochs=cfg.target.epochs,
+                        batch_size=cfg.target.batch_size, seed=cfg.seed + 1, callbacks=callbacks, run_dir=run_dir,
+                        loggers=loggers)
     seconds = time.perf_counter() - started
     info = {monitor: best.best_score, "target/best_epoch": best.best_epoch, "target/epochs_run": trainer.current_epoch,
             # ≈ training examples per second (steps × batch size / fit time; a resumed fit overstates it)

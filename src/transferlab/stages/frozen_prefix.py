@@ -1,0 +1,213 @@
+"""Frozen blocks computed once (issue 13, part 2).
+
+When blocks 0..k-1 do not train for a whole target stage (linear probe, `partial`, ...), they run
+in eval mode with fixed weights (TaskModule puts frozen blocks in eval mode), so block k-1's output
+for an example is the same in every epoch. `frozen_prefix_stage` computes it once for the train
+and validation splits and returns what the stage then trains instead: a TaskModule over the same
+blocks and head whose backbone starts at block k (`FromBlock`), and splits whose x is the cached
+output (for text: the hidden states, with the attention mask travelling beside them).
+
+Automatic only where exact; otherwise it returns None and the stage runs as before:
+- k >= 1 (policies that train some of every block, BitFit and LoRA, freeze no whole block);
+- full precision (under autocast the prefix would run in bf16/fp16 inside the stage);
+- the backbone's parameters all live in its blocks (so penalties and param groups see the same
+  list), and the cache fits in CACHE_LIMIT_BYTES;
+- a check on the first training examples: the cached path gives the full model's outputs.
+Dropout inside the frozen blocks is off either way (eval mode); BatchNorm uses its running
+statistics either way; the random numbers drawn by the blocks that train are the same, as frozen
+blocks draw none. Penalties on frozen parameters are zero in both (they get no gradient).
+
+Scope: the cache lives in memory for one stage. The test split is not cached (it is evaluated
+once, by the full model, after the stage). The stage checkpoint holds the same state_dict keys
+either way (FromBlock names its modules as the backbone does), so a resumed run recomputes the
+cache and continues. Weight-space methods that interpolate the whole backbone afterwards (WiSE-FT)
+see the same weights: frozen blocks are identical before and after the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from transferlab.data.loaders import EVAL_BATCH
+from transferlab.stages.module import TaskModule
+from transferlab.tasks import evaluating, to_device
+
+log = logging.getLogger(__name__)
+
+CACHE_LIMIT_BYTES = 4 << 30  # cached block outputs of train + val; beyond this, no cache
+FULL_PRECISION = ("32", "32-true", "64", "64-true")
+CHECK_EXAMPLES = 8
+
+
+def frozen_prefix_length(always_frozen: set[int]) -> int:
+    """k: blocks 0..k-1 are frozen in every epoch (only a prefix counts)."""
+    k = 0
+    while k in always_frozen:
+        k += 1
+    return k
+
+
+class FromBlock(nn.Module):
+    """The backbone from block k on: reads block k-1's output, runs blocks k.., pools. Holds the
+    backbone's own `blocks` and `pool` under the same names, so its parameters, param groups and
+    state_dict keys are the backbone's."""
+
+    def __init__(self, backbone: nn.Module, k: int):
+        super().__init__()
+        self.blocks, self.pool, self.k = backbone.blocks, backbone.pool, k
+        self.feature_dim = backbone.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[self.k:]:
+            x = block(x)
+        return self.pool(x)
+
+
+class TextFromBlock(FromBlock):
+    """A BERT-style encoder (backbones/hf.py) from layer k on; x = {"hidden", "attention_mask"}."""
+
+    def __init__(self, backbone: nn.Module, k: int):
+        super().__init__(backbone, k)
+        self.pooling = backbone.pooling
+
+    def token_features(self, x: dict) -> torch.Tensor:
+        hidden, mask = x["hidden"], x["attention_mask"]
+        # as HFEncoder.token_features: additive mask, padded keys get the dtype's minimum
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.blocks[self.k:]:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def forward(self, x: dict) -> torch.Tensor:
+        hidden, mask = self.token_features(x), x["attention_mask"]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class CachedTokens:
+    """Block outputs of N texts (N, L, D) with their attention mask; a batch is cut to its longest
+    text, as data/text.Tokens cuts token ids, so TokenLabels' columns still line up."""
+
+    def __init__(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        self.hidden, self.attention_mask = hidden, attention_mask
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        mask = self.attention_mask[index]
+        used = mask.any(0)
+        return {"hidden": self.hidden[index][:, used], "attention_mask": mask[:, used]}
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
+    """Block k-1's output for batch x, by the backbone's own forward, stopped right there."""
+    captured = []
+
+    def grab(module, inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    handle = backbone.blocks[k - 1].register_forward_hook(grab)
+    try:
+        backbone.token_features(x) if text else backbone(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device, text: bool) -> tuple:
+    x, y = split
+    outputs = []
+    for start in range(0, len(y), EVAL_BATCH):
+        index = list(range(start, min(start + EVAL_BATCH, len(y))))
+        batch = x[index]
+        batch = {n: t.to(device) for n, t in batch.items()} if text else batch.to(device)
+        outputs.append(block_output(backbone, k, batch, text).cpu())
+    if not text:
+        return torch.cat(outputs), y
+    # each batch was cut to the columns its texts use: back into the split's columns (the rest
+    # is padding, masked)
+    mask = x.attention_mask
+    hidden = torch.zeros(len(y), mask.shape[1], outputs[0].shape[-1], dtype=outputs[0].dtype)
+    for start, out in zip(range(0, len(y), EVAL_BATCH), outputs):
+        rows = slice(start, start + len(out))
+        hidden[rows, mask[rows].any(0)] = out
+    return CachedTokens(hidden, mask), y
+
+
+def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], device: torch.device, methods=()):
+    """(module, task) to train on instead, reading block k-1's cached output; None when the cache
+    would not be exact (see the module docstring). `module` is the stage's TaskModule, `methods`
+    the stage's methods (one whose loss term reads the raw batch, like DELTA's, rules it out)."""
+    backbone, k = module.backbone, frozen_prefix_length(always_frozen)
+    text = getattr(backbone, "reads_text", False)
+    reason = None
+    if k == 0:
+        return None
+    raw = [m.name for m in methods if getattr(m, "reads_raw_inputs", False)]
+    if raw:
+        reason = f"regularizer={raw[0]} reads the raw batch"
+    elif str(cfg.trainer.precision) not in FULL_PRECISION:
+        reason = f"trainer.precision={cfg.trainer.precision} (the blocks would run under autocast)"
+    elif text and not hasattr(backbone, "pooling"):
+        reason = "a text backbone that is not a BERT-style encoder"
+    suffix = (TextFromBlock if text else FromBlock)(backbone, k) if reason is None else None
+    if suffix is not None and [id(p) for p in suffix.parameters()] != [id(p) for p in backbone.parameters()]:
+        reason = "the backbone has parameters outside its blocks"
+    if reason is None:
+        module.to(device)
+        width = task.train[0].attention_mask.shape[1] if text else None
+        per_example = block_bytes(backbone, k, task.train, device, text, width)
+        if per_example * (len(task.train[1]) + len(task.val[1])) > CACHE_LIMIT_BYTES:
+            reason = f"the cache would exceed {CACHE_LIMIT_BYTES >> 30} GiB"
+    if reason is not None:
+        log.info("target stage: frozen blocks 0..%d run every epoch: %s", k - 1, reason)
+        return None
+    with evaluating(module):
+        splits = {name: cache_split(backbone, k, getattr(task, name), device, text) for name in ("train", "val")}
+    cached = TaskModule(suffix, module.head, stage=module.stage, task=module.task, lr=module.lr,
+                        weight_decay=module.weight_decay, lr_scales=module.lr_scales, optimizer=module.make_optimizer,
+                        scheduler=module.make_scheduler, methods=methods, context=module.context)
+    if not same_outputs(module, cached, task.train, splits["train"], device):
+        log.info("target stage: frozen blocks 0..%d run every epoch: the cached path differs", k - 1)
+        return None
+    log.info("target stage: blocks 0..%d frozen for the whole stage: their output computed once", k - 1)
+    return cached, dataclasses.replace(task, **splits)
+
+
+def block_bytes(backbone, k: int, split: tuple, device, text: bool, width: int | None) -> int:
+    """Bytes of one example's cached output (text: at the split's full width)."""
+    x = split[0][[0]]
+    x = {n: t.to(device) for n, t in x.items()} if text else x.to(device)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        out = block_output(backbone, k, x, text)
+    finally:
+        backbone.train(was_training)
+    per_position = out[0].numel() // (out.shape[1] if text else 1)
+    return per_position * (width if text else 1) * out.element_size()
+
+
+@torch.no_grad()
+def same_outputs(full: TaskModule, cached: TaskModule, split: tuple, cached_split: tuple, device) -> bool:
+    index = list(range(min(CHECK_EXAMPLES, len(split[1]))))
+    with evaluating(full):
+        want = full(to_device((split[0][index], split[1][index]), device)[0])
+        got = cached(to_device((cached_split[0][index], cached_split[1][index]), device)[0])
+    return want.shape == got.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
