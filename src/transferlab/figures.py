@@ -27,6 +27,7 @@ never pyplot: no global figure state, nothing to close, safe in a Hydra callback
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import textwrap
@@ -41,6 +42,8 @@ from cycler import cycler
 from matplotlib.figure import Figure
 
 DPI = 300
+# Embedding fonts in a PDF logs every subsetting step at INFO (fontTools): noise in a sweep's log.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 MIN_SPAN = 0.1  # the smallest y-range of an accuracy-like or difference axis (accuracy units)
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = "osD^vP*Xh<>p"

@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the setting the paired comparison is against (default: the arm named none, else the first)")
     args = parser.parse_args(argv)
     found = sorted(args.sweep_dir.rglob(RESULTS_FILE)) if args.sweep_dir.is_dir() else []
-    unreadable = [p for p in found if str(load_run(p, args.sweep_dir)["error"]).startswith("unreadable ")]
+    unreadable = [p for p in found if str(load_run(str(p.parent), ".")["error"]).startswith("unreadable ")]
     if found and len(unreadable) == len(found):  # a report of nothing but failures to read: say so
         print(f"transferlab report: error: none of the {len(found)} {RESULTS_FILE} under {args.sweep_dir} "
               f"can be read (e.g. {found[0]}): nothing to report", file=sys.stderr)
