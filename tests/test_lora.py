@@ -19,7 +19,7 @@ from transferlab.data.text import tokenize
 from transferlab.data.tweets import load_tweets_sentiment
 from transferlab.errors import ConfigError
 from transferlab.experiment import run_experiment
-from transferlab.freeze.lora import LoRA
+from transferlab.freeze.lora import LoRA, is_adapter
 from transferlab.heads import classification_head
 from transferlab.regularizers.ewc import EWC
 from transferlab.regularizers.l2sp import L2SP
@@ -150,7 +150,8 @@ def test_ewc_gradient_on_the_lora_model_equals_autograd(tweets):
     prepare_statistics(reg, nn.Sequential(backbone, source_head),
                             make_loader((tokens, tweets[1][:24]), 12, shuffle=False), backbone)
     backbone.eval()  # the Fisher pass hands the (train-mode) Sequential back in train mode: dropout off again
-    names = [n for n, _ in backbone.named_parameters()]
+    names = reg.names
+    assert names == [n for n, _ in backbone.named_parameters() if is_adapter(n)]  # adapter-sized, not model-sized
     fisher = dict(zip(names, [f.clone() for f in reg.fisher]))
     # at B = 0 the loss does not depend on A (dL/dA = B^T ...): its Fisher is exactly 0; B's is not
     assert all(float(f.abs().sum()) == 0 for n, f in fisher.items() if "lora_A" in n)
@@ -162,7 +163,7 @@ def test_ewc_gradient_on_the_lora_model_equals_autograd(tweets):
     move_trainable(backbone)
     batch, y = tokens[list(range(6))], tweets[1][:6]
 
-    def penalty():  # EWC over the whole backbone; the base did not move, so only adapters count
+    def penalty():  # EWC over what trains: the adapters (the base never moves)
         return 50.0 / 2 * sum((fisher[n] * (named[n] - anchors[n]) ** 2).sum() for n in names)
 
     assert float(penalty().detach()) > 1e-5

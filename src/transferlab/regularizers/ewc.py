@@ -31,10 +31,11 @@ class EWC(Regularizer):
 
     def compute_statistics(self, ctx: MethodContext) -> dict[str, torch.Tensor]:
         """The raw diagonal Fisher of the source loss at the source weights, for each backbone
-        parameter by name."""
+        parameter that can train, by name: all of them, or under LoRA the adapters alone (the
+        base weights never move, so their penalty is 0 and their Fisher would be model-sized)."""
         model, backbone = ctx.source_model, ctx.backbone
         in_model = {id(p): name for name, p in model.named_parameters()}
-        shared = {in_model[id(p)]: p for p in backbone.parameters()}
+        shared = {in_model[id(p)]: p for p in backbone.parameters() if p.requires_grad}
         fisher = diagonal_fisher(model, shared, ctx.source_loader(), sample_labels=self.sample_labels, seed=self.seed)
         to_backbone = {in_model[id(p)]: name for name, p in backbone.named_parameters()}
         return {to_backbone[name]: f for name, f in fisher.items()}
@@ -43,10 +44,11 @@ class EWC(Regularizer):
         """`stats` may live anywhere (the cache loads them on the CPU): they are moved to the
         parameters' device and dtype, here and again in `attach` (Lightning moves the backbone
         to the accelerator between the two). The backbone holds the source weights: the anchors."""
-        named = dict(ctx.backbone.named_parameters())
+        named = {n: p for n, p in ctx.backbone.named_parameters() if p.requires_grad}
         if set(stats) != set(named) or any(stats[n].shape != p.shape for n, p in named.items()):
-            raise ValueError("EWC: the Fisher does not match the backbone's parameters")
+            raise ValueError("EWC: the Fisher does not match the backbone's trainable parameters")
         fisher = normalize_fisher(stats, self.normalize)
+        self.names = list(named)
         self.fisher = [fisher[name].to(p) for name, p in named.items()]
         self.anchors = [p.detach().clone() for p in named.values()]
 
@@ -54,7 +56,8 @@ class EWC(Regularizer):
         if self.fisher is None:
             raise ConfigError("regularizer=ewc needs a source stage to estimate its Fisher: "
                               "use source=train or source=checkpoint")
-        self.shared = list(ctx.backbone.parameters())
+        named = dict(ctx.backbone.named_parameters())
+        self.shared = [named[name] for name in self.names]
         # No copy when they are there already (.to returns the tensor itself).
         self.fisher = [f.to(p) for f, p in zip(self.fisher, self.shared)]
         self.anchors = [a.to(p) for a, p in zip(self.anchors, self.shared)]
