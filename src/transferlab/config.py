@@ -178,6 +178,13 @@ class EvaluateConfig:
 
 
 @dataclass
+class ReportConfig:
+    # The setting every other is compared with in the report's paired comparison, as report.md
+    # labels it (e.g. "+ablation/regularizer=none"); None: the arm whose swept value is none, else the first.
+    baseline: Optional[str] = None
+
+
+@dataclass
 class Config:
     seed: int = 0
     name: str = "default"  # experiment name: W&B group and output folder
@@ -195,6 +202,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     force: bool = False  # rerun even if this run dir already holds a completed run of this config
     # What a sweeper (Optuna) maximizes; None: the task's primary validation metric
     # (target/val_acc, or target/val_f1 for NER).

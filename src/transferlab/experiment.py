@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
 # whether a run dir already holds this run.
-EXECUTION_KEYS = ("force", "cache", "logger", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
+EXECUTION_KEYS = ("force", "cache", "logger", "report", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
                   "trainer.checkpoint_interval_s", "trainer.pin_memory", "trainer.strategy", "trainer.num_nodes",
                   "trainer.gradient_checkpointing", "backbone.gradient_checkpointing")
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("transferlab.sweep")
 
@@ -39,7 +39,8 @@ class SweepSummary(Callback):
             try:
                 from transferlab.report import write_report
 
-                written = write_report(sweep_dir)
+                baseline = OmegaConf.select(config, "report.baseline")  # the paired comparison's reference arm
+                written = write_report(sweep_dir, baseline=baseline)
                 print(f"  report: {sweep_dir / 'report.md'} ({len(written)} files)")
             except Exception as e:  # noqa: BLE001  a report problem must not hide the sweep's outcome
                 log.warning("could not write the report for %s: %s: %s", sweep_dir, type(e).__name__, e)

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Lightning warns about single-process data loading; our loaders index in-memory tensors.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+# A mid-epoch resume is exact here: StageCheckpoint restores the loader's position (EpochBatches).
+warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
 # Our validation metrics are summed across DDP ranks before self.log (TaskModule).
 warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
 
