@@ -58,6 +58,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     # An unfinished run (killed, preempted or failed) of this config: its stage checkpoints go on.
     resumed = (recorded is not None and recorded.get("status") != "completed"
                and same_config(recorded.get("config", {}), config))
+    if recorded is not None and recorded.get("status") != "completed" and not resumed:
+        log.info("%s holds an unfinished run of another config (first difference: %s): starting afresh", run_dir,
+                 first_difference(comparable(recorded.get("config", {})),
+                                  comparable(without_new_neutral_keys(config, recorded.get("config", {})))))
     barrier()  # every rank has read the run dir before rank 0 changes it
     if previous is not None and not cfg.force:
         log.info("skipped: %s already holds a completed run of this config (force=true reruns it)", run_dir)
@@ -147,6 +151,19 @@ def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) ->
             value = without_new_neutral_keys(value, previous[key], (*path, key))
         kept[key] = value
     return kept
+
+
+def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    """The first key (dotted) whose value differs between two configs, with both values."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = first_difference(x, y, f"{prefix}{key}.")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}{key}: {x!r} then, {y!r} now"
+    return None
 
 
 def comparable(config: dict) -> dict:
