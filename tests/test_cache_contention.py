@@ -70,6 +70,7 @@ def pool():
         yield workers
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 @pytest.mark.parametrize("lock", ["flock", "soft"])
 def test_sixteen_processes_compute_a_missing_entry_once(pool, tmp_path, lock):
     count_file = tmp_path / "computes.txt"

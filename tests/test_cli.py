@@ -56,6 +56,7 @@ def test_bad_value_is_one_line_nonzero_exit_and_a_failed_results_json(tmp_path):
     assert results["status"] == "failed" and results["error"] == "target.lr=-1.0: must be > 0"
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_single_run_prints_summary_and_writes_a_finished_offline_wandb_run(tmp_path):
     result = transferlab(*WANDB_FAST, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -78,6 +79,7 @@ def test_single_run_prints_summary_and_writes_a_finished_offline_wandb_run(tmp_p
         assert needle in payload
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_failed_run_closes_its_wandb_run_with_nonzero_exit(tmp_path):
     result = transferlab(*WANDB_FAST, "target.lr=1e30", cwd=tmp_path)
     assert result.returncode == 1
@@ -90,6 +92,7 @@ def test_failed_run_closes_its_wandb_run_with_nonzero_exit(tmp_path):
     assert exit_codes == ["0", "1"]  # source finished, target failed
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_sweep_runs_every_job_in_its_own_directory(tmp_path):
     result = transferlab("-m", "regularizer=none,l2sp,ewc", "seed=0,1,2", *FAST, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -100,6 +103,7 @@ def test_sweep_runs_every_job_in_its_own_directory(tmp_path):
     assert settings == {(reg, seed) for reg in ("NoRegularizer", "L2SP", "EWC") for seed in (0, 1, 2)}
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     result = transferlab("-m", "target.lr=-1,1e-2", *FAST[:2], cwd=tmp_path)
     assert result.returncode == 1

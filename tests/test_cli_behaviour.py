@@ -164,6 +164,7 @@ def unshare_works() -> bool:
         return False
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 @pytest.mark.skipif(not unshare_works(), reason="needs `unshare -n` (a network namespace; root)")
 def test_wandb_online_without_a_network_falls_back_fast(tmp_path):
     # A key, so W&B really tries its server (without one it stops at once on the missing login).

@@ -33,6 +33,7 @@ def penalties(run_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["target/penalty"]) for row in csv.DictReader(f) if row.get("target/penalty")}
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_two_processes_match_one_process(tmp_path):
     # Separate stage caches: the DDP run must train its source stage, not reuse the other's.
     single = transferlab(*RUN, f"hydra.run.dir={tmp_path / 'one'}", f"cache.dir={tmp_path / 'cache1'}", cwd=tmp_path)
@@ -61,6 +62,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert not [p for p in (tmp_path / "cache2").rglob("*") if ".tmp" in p.name], "a rank left a temporary entry"
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_ddp_jobs_inside_a_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     result = transferlab("-m", *RUN, "trainer=ddp_cpu", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -79,6 +81,7 @@ def test_ddp_jobs_inside_a_multirun(tmp_path):
 @pytest.mark.parametrize("method", ["regularizer=lwf", pytest.param("regularizer=co_tuning", marks=pytest.mark.slow),
                                     pytest.param("regularizer=delta regularizer.attention=false",
                                                  marks=pytest.mark.slow)])
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_loss_term_methods_match_one_process(tmp_path, method):
     run = ["logger=csv", "backbone=mlp", "backbone.hidden=[32,32]", *method.split(), "source.epochs=1", "target.epochs=2"]
     single = transferlab(*run, f"hydra.run.dir={tmp_path / 'one'}", f"cache.dir={tmp_path / 'c1'}", cwd=tmp_path)

@@ -355,6 +355,7 @@ def test_ner_run_with_lora_and_l2sp(tmp_path, saved_gpt2):
     assert m["params/trainable"] == adapters + HIDDEN * tags + tags
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_a_killed_lora_run_resumes_to_identical_metrics(tmp_path, saved_gpt2):
     # Dropout in the adapters and the model, L2-SP anchors, the loader position: all restored.
     overrides = ["experiment=tweets_sentiment", "freeze=lora", "freeze.r=2", "freeze.dropout=0.2",

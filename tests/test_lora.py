@@ -195,6 +195,7 @@ def test_lora_run_counts_adapters_and_keeps_the_pretrained_weights(tmp_path):
     assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "lora_B" in k)
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_ewc_statistics_cache_key_includes_the_adapters(tmp_path):
     first = run_experiment(lora_cfg(tmp_path, "regularizer=ewc"), tmp_path / "a")["metrics"]
     again = run_experiment(lora_cfg(tmp_path, "regularizer=ewc"), tmp_path / "b")["metrics"]

@@ -49,6 +49,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return metrics(run_dir)
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, uninterrupted):
     # One run dir, killed again at each later point: every rerun resumes a resumed run.
     # (Checkpoint settings only decide when a run saves, so each run may use its own.)
@@ -74,6 +75,7 @@ def test_killed_at_every_point_resumes_to_identical_metrics(tmp_path, uninterrup
     assert not list((tmp_path / "checkpoints").glob("*.ckpt")), "a finished stage removes its training checkpoint"
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
     stopped = transferlab(tmp_path, "logger=wandb", kill_at="target:step7", signal_name="TERM")
     assert stopped.returncode == 143, stopped.stderr[-2000:]
@@ -93,6 +95,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
     assert sorted(runs) == sorted([source_id, target_id, target_id])
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_ctrl_c_keeps_what_was_measured_and_the_same_command_resumes(tmp_path, uninterrupted):
     stopped = transferlab(tmp_path, kill_at="target:step5", signal_name="INT")
     assert stopped.returncode == 130, stopped.stderr[-2000:]
@@ -108,6 +111,7 @@ def test_ctrl_c_keeps_what_was_measured_and_the_same_command_resumes(tmp_path, u
     assert metrics(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_a_different_config_does_not_resume_from_stale_checkpoints(tmp_path):
     killed = transferlab(tmp_path, "trainer.checkpoint_every_n_steps=5", kill_at="target:step6")
     assert killed.returncode == -signal.SIGKILL

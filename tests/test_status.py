@@ -168,6 +168,7 @@ def test_watch_refreshes_until_ctrl_c_and_exits_0_quietly(sweep):
     assert (first + out).count(f"sweep {sweep}: 12 jobs") >= 3 and "refreshing every 0.2 s" in out
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_status_of_a_real_multirun_while_it_runs_and_after(tmp_path):
     sweep = tmp_path / "sweep"
     env = os.environ | {"PYTHONPATH": str(Path(status.__file__).parents[1]), "WANDB_MODE": "offline"}

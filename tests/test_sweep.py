@@ -3,6 +3,8 @@ exit non-zero, parallel and submitit launchers share the stage cache, Optuna run
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +21,7 @@ def by_job(sweep_dir: Path) -> dict[str, dict]:
     return {Path(r["_dir"]).name: r for r in results_under(sweep_dir)}
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_relaunch_skips_completed_jobs_and_reruns_failed_ones(tmp_path):
     source_file = tmp_path / "saved_source.pt"
     sweep = tmp_path / "out" / "sweep"
@@ -48,6 +51,7 @@ def test_relaunch_skips_completed_jobs_and_reruns_failed_ones(tmp_path):
     assert forced.returncode == 0 and "0 reused" in forced.stdout
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_joblib_runs_jobs_in_parallel_and_computes_the_shared_source_once(tmp_path):
     sweep = tmp_path / "out" / "jl"
     result = transferlab("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "regularizer=none,l2sp",
@@ -62,6 +66,7 @@ def test_joblib_runs_jobs_in_parallel_and_computes_the_shared_source_once(tmp_pa
     assert len(entries) == 1
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_submitit_local_runs_two_jobs(tmp_path):
     sweep = tmp_path / "out" / "sub"
     result = transferlab("-m", "hydra/launcher=submitit_local", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}",
@@ -73,6 +78,7 @@ def test_submitit_local_runs_two_jobs(tmp_path):
     assert any((sweep / ".submitit").rglob("*_result.pkl"))  # ran through submitit, not in-process
 
 
+@pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)
 def test_optuna_preset_runs_three_trials_and_maximizes_validation_accuracy(tmp_path):
     sweep = tmp_path / "out" / "opt"
     result = transferlab("-m", "hparams_search=l2sp_optuna", "hydra.sweeper.n_trials=3", *FAST,
