@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
 from transferlab.backbones.cnn import SmallCNN
 from transferlab.data.loaders import make_loader

@@ -19,7 +19,7 @@ from transferlab.data.text import tokenize
 from transferlab.data.tweets import load_tweets_sentiment
 from transferlab.errors import ConfigError
 from transferlab.experiment import run_experiment
-from transferlab.freeze.lora import LoRA, is_adapter
+from transferlab.freeze.lora import LoRA
 from transferlab.heads import classification_head
 from transferlab.regularizers.ewc import EWC
 from transferlab.regularizers.l2sp import L2SP

@@ -21,6 +21,7 @@ the seed that was swept is part of the setting.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from transferlab import figures, stats
@@ -291,8 +292,7 @@ def is_number(text: str) -> bool:
 
 
 def slug(text: str) -> str:
-    import re
-
+    """A file-name-safe form of a metric or setting name."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 

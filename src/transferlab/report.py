@@ -60,7 +60,7 @@ from scipy import stats
 
 from transferlab import figures
 from transferlab.errors import TransferlabError
-from transferlab.evidence import evidence_sections
+from transferlab.evidence import evidence_sections, is_number, slug
 from transferlab.results import RESULTS_FILE, natural_key
 
 METRICS = ["target/test_acc", "target/val_acc", "transfer/forgetting", "transfer/gain"]
@@ -617,17 +617,6 @@ def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
         return []
     return figures.scatter(points, "transfer/forgetting", target,
                            save_to=plot_dir / f"tradeoff_forgetting_vs_{slug(target)}").files
-
-
-def is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
 # ---------------------------------------------------------------------------------------------

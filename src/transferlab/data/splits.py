@@ -142,7 +142,7 @@ def _ood_test(pool: LabelledPool, classes: list[int], data_cfg, x_test, y_test, 
     if overlap:
         raise ConfigError(f"data.ood_domains={list(data_cfg.ood_domains)}: {overlap} also train the source or the "
                           "target; an out-of-distribution test needs held-out domains")
-    x_parts, y_parts = [_select(pool.x_train, pool.y_train, classes, pool.domain_train, ood_ids)], []
+    x_parts = [_select(pool.x_train, pool.y_train, classes, pool.domain_train, ood_ids)]
     if pool.x_test is not None:
         x_parts.append(_select(pool.x_test, pool.y_test, classes, pool.domain_test, ood_ids))
     x = np.concatenate([part[0] for part in x_parts])
