@@ -297,8 +297,6 @@ def method_context(cfg, setup: Setup, source_model) -> MethodContext:
         backbone=setup.backbone, task=task_of(data.target),
         source_model=source_model, source_head=source_model.head if source_model is not None else None,
         source_task=source_model.task if source_model is not None else None,
-        source_weights={k: v.detach().clone() for k, v in setup.backbone.state_dict().items()}
-        if source_model is not None else None,
         source_loader=(lambda: make_loader(data.source.train, EVAL_BATCH, shuffle=False, rank=rank,
                                            world_size=world_size)) if data.source is not None else None,
         target_loader=lambda: make_loader(data.target.train, EVAL_BATCH, shuffle=False),

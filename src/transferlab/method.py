@@ -46,7 +46,6 @@ class MethodContext:
     source_model: Optional[nn.Module] = None  # backbone + kept source head; None: scratch / pretrained
     source_head: Optional[nn.Module] = None
     source_task: Any = None
-    source_weights: Optional[dict[str, torch.Tensor]] = None  # the backbone after the source stage
     source_loader: Optional[Callable[[], Any]] = None
     # The target *training* split, whole and in order on every rank (positions = the `index` of a
     # training batch); source_loader: the source training split, this rank's share under DDP.
@@ -61,6 +60,12 @@ class MethodContext:
         if self._start_weights is None:
             self._start_weights = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
         return self._start_weights
+
+    @property
+    def source_weights(self) -> Optional[dict[str, torch.Tensor]]:
+        """The weights the source stage left (None without one). The target stage starts from
+        them, so they are the start weights (adapters, injected at B = 0, included)."""
+        return self.start_weights if self.source_model is not None else None
 
 
 @dataclass
