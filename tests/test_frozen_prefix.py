@@ -69,6 +69,32 @@ def tweets_cfg(tmp_path, *overrides):
         "target.epochs=2", "target.batch_size=16", *overrides])
 
 
+def test_the_stage_cache_keeps_block_outputs_for_the_next_job(make_cfg, tmp_path):
+    """A second job from the same blocks and inputs takes the outputs from the stage cache (a
+    different learning rate: the key has no target settings) and trains exactly as if it had
+    computed them; different start weights (another scratch seed) or inputs miss."""
+    overrides = ["source=scratch", "freeze=linear_probe", "backbone.channels=[8,16,16]", "cache.dir=" + str(tmp_path / "c")]
+    first = run_experiment(make_cfg(*overrides), tmp_path / "a")["metrics"]
+    again = run_experiment(make_cfg(*overrides, "target.lr=3e-3"), tmp_path / "b")["metrics"]
+    same = run_experiment(make_cfg(*overrides), tmp_path / "c1")["metrics"]
+    assert (first["cache/frozen_blocks_hit"], again["cache/frozen_blocks_hit"], same["cache/frozen_blocks_hit"]) == (
+        False, True, True)
+    for name, a in target_weights(tmp_path / "a").items():
+        assert torch.equal(a, target_weights(tmp_path / "c1")[name]), name
+    assert first["target/test_acc"] == same["target/test_acc"]
+    other_seed = run_experiment(make_cfg(*overrides, "seed=1"), tmp_path / "d")["metrics"]
+    assert other_seed["cache/frozen_blocks_hit"] is False
+    entries = list((tmp_path / "c" / "frozen_blocks").glob("*/outputs.pt"))
+    assert len(entries) == 2
+    saved = torch.load(entries[0], weights_only=True)
+    assert saved["train"].shape == (first["data/target_train_size"], 16)  # pooled features
+
+
+def test_no_stage_cache_no_entry(make_cfg, tmp_path):
+    metrics = run_experiment(make_cfg("source=scratch", "freeze=linear_probe", "cache=off"), tmp_path / "a")["metrics"]
+    assert metrics["cache/frozen_blocks_hit"] is None
+
+
 @pytest.mark.parametrize("freeze", [["freeze=linear_probe"], ["freeze=partial", "freeze.k=1"]])
 def test_minilm_with_and_without_the_cache_give_the_same_test_predictions(tmp_path, caplog, freeze):
     with caplog.at_level(logging.INFO, logger="transferlab.stages.frozen_prefix"):
@@ -96,8 +122,11 @@ def test_no_cache_without_a_frozen_prefix_or_under_autocast(make_cfg):
     cfg.trainer.precision = "bf16-mixed"
     assert frozen_prefix_stage(cfg, module, small_task(), {0, 1}, torch.device("cpu")) is None
     cfg.trainer.precision = "32-true"
-    cached, task = frozen_prefix_stage(cfg, module, small_task(), {0, 1}, torch.device("cpu"))
-    assert task.train[0].shape == (20, 6, 2, 2) and torch.equal(task.test[0], small_task().test[0])
+    cached, task, hit = frozen_prefix_stage(cfg, module, small_task(), {0}, torch.device("cpu"))
+    assert hit is None and task.train[0].shape == (20, 4, 4, 4) and torch.equal(task.test[0], small_task().test[0])
+    # every block frozen: the cached value is the pooled feature itself
+    cached, task, _ = frozen_prefix_stage(cfg, module, small_task(), {0, 1}, torch.device("cpu"))
+    assert task.train[0].shape == (20, backbone.feature_dim) and torch.equal(task.test[0], small_task().test[0])
     # the cached module predicts what the full one does, on the cached inputs
     full = outputs(module, make_loader(small_task().val, 4, shuffle=False))[0].argmax(-1).numpy()
     assert np.array_equal(outputs(cached, make_loader(task.val, 4, shuffle=False))[0].argmax(-1).numpy(), full)

@@ -240,7 +240,7 @@ def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> t
     pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
     if cfg.evaluate.wise_ft_alphas:
         context.start_weights  # noqa: B018  the snapshot WiSE-FT interpolates from, before any step
-    target_model = target_stage(cfg, setup, run_dir, context, metrics)
+    target_model = target_stage(cfg, setup, run_dir, context, cache, metrics)
     evaluation_stage(cfg, setup, target_model, source_model, context, metrics)
     if cfg.evaluate.wise_ft_alphas:
         wise_ft_stage(cfg, setup, target_model, source_model, context, metrics)
@@ -345,10 +345,10 @@ def transferability_stage(cfg, setup: Setup, context: MethodContext, metrics: di
     metrics["time/transferability_s"] = round(time.time() - started, 3)
 
 
-def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, metrics: dict):
+def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, cache: StageCache | None, metrics: dict):
     started = time.time()
     target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer, run_dir,
-                                       context, setup.extra_regularizers)
+                                       context, setup.extra_regularizers, cache)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
     # Efficiency (target samples/s: train_target's) and the process's peak memory (RSS; on CUDA

@@ -1,8 +1,9 @@
 """Where a stage's result is kept and found again — one place for every stage:
 
 - the run dir (`checkpoints/source.pt`, `target.pt`): a resumed run takes finished stages back;
-- the stage cache (`cache.py`): every job of a sweep with the same key reuses the source stage
-  and the methods' statistics (EWC's Fisher, LwF's teacher logits) instead of recomputing them;
+- the stage cache (`cache.py`): every job of a sweep with the same key reuses the source stage,
+  the methods' statistics (EWC's Fisher, LwF's teacher logits) and the outputs of blocks frozen
+  for a whole target stage (a linear probe's features) instead of recomputing them;
 - a user's file (`source=checkpoint source.path=...`).
 
 Cache keys hold exactly what determines a result: `source_settings` (never target settings) for
@@ -142,10 +143,25 @@ def method_statistics(cfg, data: TransferData, method: Method, ctx: MethodContex
 
 
 # -- the target stage -----------------------------------------------------------------------------
+def frozen_blocks_fetch(cache: StageCache):
+    """The stage cache as `train_target` asks for it: outputs of frozen blocks, keyed by a digest
+    of those blocks' weights and of the inputs (stages/frozen_prefix.cache_settings)."""
+    def fetch(settings: dict, compute):
+        def build(folder: Path) -> None:
+            torch.save(compute(), folder / "outputs.pt")
+
+        def load(folder: Path) -> dict:
+            return torch.load(folder / "outputs.pt", map_location="cpu", weights_only=True)
+
+        return cache.fetch("frozen_blocks", settings, build, load)
+    return fetch
+
+
 def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_dir: Path, context: MethodContext,
-                  extra_regularizers=()) -> tuple[TaskModule, dict]:
+                  extra_regularizers=(), cache: StageCache | None = None) -> tuple[TaskModule, dict]:
     """Train the target stage; a resumed run whose target stage had finished takes its kept
-    weights (backbone, head, the methods' modules) and metrics back from target.pt."""
+    weights (backbone, head, the methods' modules) and metrics back from target.pt. With a
+    cache, blocks frozen for the whole stage are computed once per sweep (their outputs kept)."""
     path = run_dir / "checkpoints" / "target.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -157,7 +173,8 @@ def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_di
         module.method_modules.load_state_dict(saved.get("methods", {}))
         return module, saved["info"]
     module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context,
-                                extra_regularizers=extra_regularizers)
+                                extra_regularizers=extra_regularizers,
+                                fetch_frozen_blocks=frozen_blocks_fetch(cache) if cache is not None else None)
     if is_global_zero():
         atomic_write(path, lambda tmp: torch.save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
                            "methods": module.method_modules.state_dict(),

@@ -17,17 +17,28 @@ Dropout inside the frozen blocks is off either way (eval mode); BatchNorm uses i
 statistics either way; the random numbers drawn by the blocks that train are the same, as frozen
 blocks draw none. Penalties on frozen parameters are zero in both (they get no gradient).
 
-Scope: the cache lives in memory for one stage. The test split is not cached (it is evaluated
-once, by the full model, after the stage). The stage checkpoint holds the same state_dict keys
-either way (FromBlock names its modules as the backbone does), so a resumed run recomputes the
-cache and continues. Weight-space methods that interpolate the whole backbone afterwards (WiSE-FT)
-see the same weights: frozen blocks are identical before and after the stage.
+When every block is frozen (a linear probe) the cached value is the pooled feature itself (for
+a classification task; a token task keeps the last block's per-token output), so the stage trains
+the head on (N, d) features.
+
+Scope: in memory for the stage, and — when the experiment passes `fetch` (stage_store: the stage
+cache) — on disk for every job of a sweep that starts from the same blocks: the key is a digest of
+the frozen blocks' weights and buffers and of the train / validation inputs (plus k, the device
+type, the precision and the torch version), so it matches exactly when the outputs would be
+recomputed the same, whatever the source stage or seed that produced those weights. The test
+split is not cached (it is evaluated once, by the full model, after the stage). The stage
+checkpoint holds the same state_dict keys either way (FromBlock names its modules as the backbone
+does), so a resumed run takes the cache again and continues. Weight-space methods that
+interpolate the whole backbone afterwards (WiSE-FT) see the same weights: frozen blocks are
+identical before and after the stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,12 +67,15 @@ class FromBlock(nn.Module):
     backbone's own `blocks` and `pool` under the same names, so its parameters, param groups and
     state_dict keys are the backbone's."""
 
-    def __init__(self, backbone: nn.Module, k: int):
+    def __init__(self, backbone: nn.Module, k: int, pooled: bool = False):
         super().__init__()
         self.blocks, self.pool, self.k = backbone.blocks, backbone.pool, k
         self.feature_dim = backbone.feature_dim
+        self.pooled = pooled  # x is already the backbone's output (every block frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooled:
+            return x
         for block in self.blocks[self.k:]:
             x = block(x)
         return self.pool(x)
@@ -70,8 +84,8 @@ class FromBlock(nn.Module):
 class TextFromBlock(FromBlock):
     """A BERT-style encoder (backbones/hf.py) from layer k on; x = {"hidden", "attention_mask"}."""
 
-    def __init__(self, backbone: nn.Module, k: int):
-        super().__init__(backbone, k)
+    def __init__(self, backbone: nn.Module, k: int, pooled: bool = False):
+        super().__init__(backbone, k, pooled)
         self.pooling = backbone.pooling
 
     def token_features(self, x: dict) -> torch.Tensor:
@@ -83,7 +97,9 @@ class TextFromBlock(FromBlock):
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def forward(self, x: dict) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if self.pooled:
+            return x
         hidden, mask = self.token_features(x), x["attention_mask"]
         if self.pooling == "cls":
             return hidden[:, 0]
@@ -130,16 +146,20 @@ def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
     return captured[0]
 
 
-def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device, text: bool) -> tuple:
+def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device, text: bool, pooled: bool):
+    """Block k-1's output (pooled: the backbone's output) for every example of the split, in order:
+    a tensor, or for text blocks {"hidden", "attention_mask"} at the split's width."""
     x, y = split
     outputs = []
     for start in range(0, len(y), EVAL_BATCH):
         index = list(range(start, min(start + EVAL_BATCH, len(y))))
         batch = x[index]
         batch = {n: t.to(device) for n, t in batch.items()} if text else batch.to(device)
-        outputs.append(block_output(backbone, k, batch, text).cpu())
-    if not text:
-        return torch.cat(outputs), y
+        with torch.no_grad():
+            out = backbone(batch) if pooled else block_output(backbone, k, batch, text)
+        outputs.append(out.cpu())
+    if pooled or not text:
+        return torch.cat(outputs)
     # each batch was cut to the columns its texts use: back into the split's columns (the rest
     # is padding, masked)
     mask = x.attention_mask
@@ -147,15 +167,44 @@ def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device,
     for start, out in zip(range(0, len(y), EVAL_BATCH), outputs):
         rows = slice(start, start + len(out))
         hidden[rows, mask[rows].any(0)] = out
-    return CachedTokens(hidden, mask), y
+    return {"hidden": hidden, "attention_mask": mask}
 
 
-def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], device: torch.device, methods=()):
-    """(module, task) to train on instead, reading block k-1's cached output; None when the cache
-    would not be exact (see the module docstring). `module` is the stage's TaskModule, `methods`
-    the stage's methods (one whose loss term reads the raw batch, like DELTA's, rules it out)."""
+def as_inputs(cached):
+    return CachedTokens(cached["hidden"], cached["attention_mask"]) if isinstance(cached, dict) else cached
+
+
+def digest(tensors) -> str:
+    """sha256 over tensors' dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_settings(cfg, backbone: nn.Module, k: int, pooled: bool, task, text: bool, device: torch.device) -> dict:
+    """The stage-cache key of the block outputs: exactly what they are computed from."""
+    def inputs(split):
+        return [split[0].input_ids, split[0].attention_mask] if text else [split[0]]
+    weights = [t for block in backbone.blocks[:k] for t in block.state_dict().values()]
+    return {"k": k, "pooled": pooled, "pooling": getattr(backbone, "pooling", None) if pooled else None,
+            "backbone": type(backbone).__name__, "blocks": digest(weights),
+            "train": digest(inputs(task.train)), "val": digest(inputs(task.val)), "eval_batch": EVAL_BATCH,
+            "device": device.type, "precision": str(cfg.trainer.precision), "torch": torch.__version__}
+
+
+def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], device: torch.device, methods=(),
+                        fetch: Callable[[dict, Callable[[], dict]], tuple[dict, bool]] | None = None):
+    """(module, task, hit) to train on instead, reading block k-1's cached output; None when the
+    cache would not be exact (see the module docstring). `module` is the stage's TaskModule,
+    `methods` the stage's methods (one whose loss term reads the raw batch, like DELTA's, rules it
+    out). `fetch(settings, compute)`: the stage cache's, returning (outputs, hit); hit is None
+    without one."""
     backbone, k = module.backbone, frozen_prefix_length(always_frozen)
     text = getattr(backbone, "reads_text", False)
+    pooled = k == len(backbone.blocks) and not module.task.token_level
     reason = None
     if k == 0:
         return None
@@ -166,32 +215,43 @@ def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], 
         reason = f"trainer.precision={cfg.trainer.precision} (the blocks would run under autocast)"
     elif text and not hasattr(backbone, "pooling"):
         reason = "a text backbone that is not a BERT-style encoder"
-    suffix = (TextFromBlock if text else FromBlock)(backbone, k) if reason is None else None
+    suffix = (TextFromBlock if text else FromBlock)(backbone, k, pooled) if reason is None else None
     if suffix is not None and [id(p) for p in suffix.parameters()] != [id(p) for p in backbone.parameters()]:
         reason = "the backbone has parameters outside its blocks"
     if reason is None:
         module.to(device)
         width = task.train[0].attention_mask.shape[1] if text else None
-        per_example = block_bytes(backbone, k, task.train, device, text, width)
+        per_example = block_bytes(backbone, k, task.train, device, text, width, pooled)
         if per_example * (len(task.train[1]) + len(task.val[1])) > CACHE_LIMIT_BYTES:
             reason = f"the cache would exceed {CACHE_LIMIT_BYTES >> 30} GiB"
     if reason is not None:
         log.info("target stage: frozen blocks 0..%d run every epoch: %s", k - 1, reason)
         return None
-    with evaluating(module):
-        splits = {name: cache_split(backbone, k, getattr(task, name), device, text) for name in ("train", "val")}
+
+    def compute() -> dict:
+        with evaluating(module):
+            return {name: cache_split(backbone, k, getattr(task, name), device, text, pooled) for name in ("train", "val")}
+
+    if fetch is None:
+        outputs, hit = compute(), None
+    else:
+        outputs, hit = fetch(cache_settings(cfg, backbone, k, pooled, task, text, device), compute)
+    splits = {name: (as_inputs(outputs[name]), getattr(task, name)[1]) for name in ("train", "val")}
     cached = TaskModule(suffix, module.head, stage=module.stage, task=module.task, lr=module.lr,
                         weight_decay=module.weight_decay, lr_scales=module.lr_scales, optimizer=module.make_optimizer,
                         scheduler=module.make_scheduler, methods=methods, context=module.context)
     if not same_outputs(module, cached, task.train, splits["train"], device):
         log.info("target stage: frozen blocks 0..%d run every epoch: the cached path differs", k - 1)
         return None
-    log.info("target stage: blocks 0..%d frozen for the whole stage: their output computed once", k - 1)
-    return cached, dataclasses.replace(task, **splits)
+    log.info("target stage: blocks 0..%d frozen for the whole stage: their output computed once%s", k - 1,
+             {True: " (taken from the stage cache)", False: " (kept in the stage cache)", None: ""}[hit])
+    return cached, dataclasses.replace(task, **splits), hit
 
 
-def block_bytes(backbone, k: int, split: tuple, device, text: bool, width: int | None) -> int:
+def block_bytes(backbone, k: int, split: tuple, device, text: bool, width: int | None, pooled: bool = False) -> int:
     """Bytes of one example's cached output (text: at the split's full width)."""
+    if pooled:
+        return backbone.feature_dim * torch.finfo(torch.get_default_dtype()).bits // 8
     x = split[0][[0]]
     x = {n: t.to(device) for n, t in x.items()} if text else x.to(device)
     was_training = backbone.training

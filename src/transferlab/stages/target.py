@@ -30,10 +30,12 @@ def target_module(cfg, backbone, head, context: MethodContext, methods, lr_scale
 
 
 def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regularizer: Regularizer,
-                 run_dir: Path, *, context: MethodContext | None = None, extra_regularizers=(), loggers=None
-                 ) -> tuple[TaskModule, dict]:
+                 run_dir: Path, *, context: MethodContext | None = None, extra_regularizers=(), loggers=None,
+                 fetch_frozen_blocks=None) -> tuple[TaskModule, dict]:
     """Fit a new head (and the backbone, as the freeze policy allows). `context` carries what the
-    methods may use (the experiment builds it; None: the backbone and task alone)."""
+    methods may use (the experiment builds it; None: the backbone and task alone).
+    `fetch_frozen_blocks(settings, compute)`: where frozen blocks' outputs are kept across jobs
+    (stage_store passes the stage cache's; None: in memory for this stage)."""
     task = data.target
     head = classification_head(backbone.feature_dim, task.num_classes)
     context = context if context is not None else MethodContext(backbone=backbone, task=task_of(task))
@@ -46,11 +48,11 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     callbacks = [m for m in methods if m.active] + [best]
     if cfg.target.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
-    fit_module, fit_task = module, task  # frozen blocks computed once: same blocks and head, cached inputs
+    fit_module, fit_task, hit = module, task, None  # frozen blocks computed once: same blocks and head, cached inputs
     if cfg.target.cache_frozen_blocks:
         always_frozen = freeze.always_frozen(len(backbone.blocks), cfg.target.epochs)
-        fit_module, fit_task = frozen_prefix_stage(cfg, module, task, always_frozen, stage_device(cfg.trainer),
-                                                   methods) or (module, task)
+        fit_module, fit_task, hit = frozen_prefix_stage(cfg, module, task, always_frozen, stage_device(cfg.trainer),
+                                                        methods, fetch_frozen_blocks) or (module, task, None)
     started = time.perf_counter()
     trainer = fit_stage(cfg, fit_module, fit_task, stage="target", epochs=cfg.target.epochs,
                         batch_size=cfg.target.batch_size, seed=cfg.seed + 1, callbacks=callbacks, run_dir=run_dir,
@@ -58,5 +60,6 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     seconds = time.perf_counter() - started
     info = {monitor: best.best_score, "target/best_epoch": best.best_epoch, "target/epochs_run": trainer.current_epoch,
             # ≈ training examples per second (steps × batch size / fit time; a resumed fit overstates it)
-            "efficiency/target_samples_per_s": round(trainer.global_step * cfg.target.batch_size / seconds, 1)}
+            "efficiency/target_samples_per_s": round(trainer.global_step * cfg.target.batch_size / seconds, 1),
+            "cache/frozen_blocks_hit": hit}
     return module, info
