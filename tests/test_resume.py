@@ -120,3 +120,27 @@ def test_a_different_config_does_not_resume_from_stale_checkpoints(tmp_path):
     assert changed.returncode == -signal.SIGKILL
     assert not (tmp_path / "checkpoints" / "target.ckpt").exists(), "another config's checkpoint was kept"
     assert not (tmp_path / "checkpoints" / "source.pt").exists()
+
+
+# Each baseline's state across a kill: LwF's teacher logits and trained source head, DELTA's start
+# copy and channel attention, Co-Tuning's relationship and source head (statistics recomputed or
+# taken from the cache; modules inside the checkpointed LightningModule), BSS (stateless),
+# surgical fine-tuning (which blocks train). BatchNorm-free MLP with dropout: the RNG matters too.
+BASELINES = {"lwf": ["regularizer=lwf"], "delta": ["regularizer=delta"], "bss": ["regularizer=bss"],
+             "co_tuning": ["regularizer=co_tuning"], "surgical": ["freeze=surgical", "freeze.train_blocks=[1]"],
+             "l2sp+bss": ["regularizer=l2sp", "+regularizer@extra_regularizers.bss=bss"]}
+
+
+@pytest.mark.slow  # end-to-end runs in subprocesses: CI runs them (.ci/run)
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_each_baseline_resumes_after_a_kill_to_identical_metrics(tmp_path, method):
+    overrides = ["freeze=full", "regularizer=none", *BASELINES[method], "trainer.checkpoint_every_n_steps=19"]
+    done = transferlab(tmp_path / "uninterrupted", *overrides)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = transferlab(tmp_path / "killed", *overrides, kill_at="target:step33")  # epoch 1, after step 19's checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoints" / "target.ckpt").is_file()
+    resumed = transferlab(tmp_path / "killed", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "killed" / "results.json").read_text())["provenance"]["resumed"] is True
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "uninterrupted")

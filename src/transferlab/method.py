@@ -9,7 +9,9 @@ A method is a Lightning callback plus these hooks, all optional:
   The experiment caches them in the stage cache under a key of exactly those inputs + settings,
   for every method alike.
 - `attach(ctx)`: the target stage starts (after Lightning moved the model to its device): take
-  references and anchors. `ctx` is a `MethodContext`.
+  references and anchors. `ctx` is a `MethodContext`. In a resumed run the weights were restored
+  before attach: anchors are either saved with the stage (`state_attributes`, as L2-SP's) or read
+  from `ctx.start_weights` (set `uses_start_weights`, as DELTA does).
 - `modules(ctx)`: extra modules that train with the target head (LwF's source head); the stage adds
   them to the model, so the optimizer, checkpoints and DDP cover them.
 - `loss_term(step)`: a term added to the loss inside `training_step`, from the batch and the
@@ -95,6 +97,9 @@ class Method(pl.Callback):
     active = True  # False: adds nothing, so the stage leaves it out of the callbacks
     statistics_inputs: tuple[str, ...] = ()  # empty: no statistics
     has_loss_term = False
+    # True: attach reads `ctx.start_weights`; the stage then takes them before fit, so a resumed
+    # run (whose weights Lightning restores before attach) sees the stage's start, not its restart.
+    uses_start_weights = False
 
     @property
     def name(self) -> str:

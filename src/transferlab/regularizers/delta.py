@@ -76,6 +76,7 @@ def zero_channel(c: int):
 class DELTA(Regularizer):
     has_loss_term = True
     reads_raw_inputs = True  # the start copy runs on the batch's inputs: no frozen-block cache
+    uses_start_weights = True
 
     def __init__(self, alpha: NonNegative = 0.01, beta: NonNegative = 0.01, blocks: Optional[list[int]] = None,
                  attention: bool = True, attention_examples: PositiveInt = 256):
@@ -158,8 +159,10 @@ class DELTA(Regularizer):
         if self.attention and self.channel_weights is None:
             raise ConfigError("regularizer=delta attention=true needs a source stage (channel attention from the "
                               "source model): use source=train, or regularizer.attention=false")
-        # The start weights' behaviour, in eval mode, never trained; hooks on both copies.
+        # The start weights' behaviour, in eval mode, never trained; hooks on both copies. From
+        # ctx.start_weights (taken before fit): in a resumed run the backbone has moved already.
         self.start = copy.deepcopy(backbone).eval().requires_grad_(False)
+        self.start.load_state_dict(ctx.start_weights)
         self.start_outputs = BlockOutputs(self.start, self.block_ids)
         self.outputs = BlockOutputs(backbone, self.block_ids)
         self.head = list(ctx.head.parameters())

@@ -41,6 +41,8 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     context = context if context is not None else MethodContext(backbone=backbone, task=task_of(task))
     context.head = head
     methods = [freeze, regularizer, *extra_regularizers]
+    if any(m.uses_start_weights for m in methods):
+        context.start_weights  # noqa: B018  taken now, before fit restores a resumed run's weights
     module = target_module(cfg, backbone, head, context, methods, freeze.lr_scales(len(backbone.blocks)))
     monitor = f"target/val_{context.task.primary}"
     best = KeepBestWeights(monitor)

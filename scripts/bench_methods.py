@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""What each fine-tuning method costs per training step, relative to `regularizer=none`, on MiniLM.
+
+    .venv/bin/python scripts/bench_methods.py                 # ~10 min on 2 idle cores
+    .venv/bin/python scripts/bench_methods.py --repeats 1 --layers 1   # a minute: the script runs
+
+`experiment=tweets_domain_shift` (pretrained MiniLM-L6 → a 1-epoch source stage on 64 airline
+tweets → 400 tweets on other topics, 32 tokens, batch 16, 1 epoch = 25 steps), run through
+`run_experiment` for every method with its YAML defaults, so each gets what the experiment gives it
+(statistics from the shared stage cache, untimed: the source stage, EWC's Fisher, LwF's teacher
+logits, DELTA's channel attention, Co-Tuning's category relationship are computed once by the
+first run and reused). A step is timed from Lightning's `on_train_batch_start` to
+`on_train_batch_end` (forward, loss terms, backward, penalty gradients, optimizer step); a run's
+number is the median of its steps after the first 3. Methods run round-robin `--repeats` times;
+the ratio is the median over rounds of (method / none in the same round).
+
+Goals (issue 10): methods that add a loss term (LwF, DELTA, BSS, Co-Tuning) ≤ 1.15×, methods that
+add a gradient in place (L2, L2-SP, EWC) ≤ 1.03×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+warnings.filterwarnings("ignore")
+for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+import transferlab.stages.target as target  # noqa: E402
+from transferlab.cli import CONF_DIR  # noqa: E402
+from transferlab.config import register_schemas  # noqa: E402
+from transferlab.experiment import run_experiment  # noqa: E402
+
+GRADIENT_TERM = ("l2", "l2sp", "ewc")
+LOSS_TERM = ("lwf", "delta", "bss", "co_tuning")
+WARMUP_STEPS = 3
+
+
+class StepTimer(pl.Callback):
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def step_seconds(overrides: list[str], run_dir: Path) -> float:
+    """The median step time of one run's target stage."""
+    timer, original = StepTimer(), target.fit_stage
+
+    def timed_fit(*args, callbacks, **kwargs):
+        return original(*args, callbacks=[*callbacks, timer], **kwargs)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    target.fit_stage = timed_fit
+    try:
+        run_experiment(cfg, run_dir)
+    finally:
+        target.fit_stage = original
+    return statistics.median(timer.seconds[WARMUP_STEPS:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=None, help="MiniLM layers (default: all 6)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(("none", *GRADIENT_TERM, *LOSS_TERM)))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    register_schemas()
+    methods = args.methods.split(",")
+    if "none" not in methods:
+        methods.insert(0, "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["experiment=tweets_domain_shift", "logger=none", "data.target_train_size=400",
+                "data.source_train_size=64", "data.max_length=32", "target.epochs=1", "target.batch_size=16",
+                "evaluate.transferability=false", f"trainer.num_threads={args.threads}",
+                f"paths.output_root={tmp}/outputs", f"cache.dir={tmp}/cache"]
+        if args.layers:
+            base.append(f"backbone.num_layers={args.layers}")
+        for method in methods:  # warm-up: fills the stage cache (source stage, statistics) untimed
+            step_seconds(base + [f"regularizer={method}"], Path(tmp) / f"warm-{method}")
+        times = {m: [] for m in methods}
+        for round_ in range(args.repeats):
+            for method in methods:
+                times[method].append(step_seconds(base + [f"regularizer={method}"], Path(tmp) / f"{method}-{round_}"))
+    print(f"torch {torch.__version__}, {args.threads} threads, MiniLM layers: {args.layers or 6}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'method':<10} {'step ms':>8} {'/ none':>7}  goal")
+    for method in methods:
+        ratio = statistics.median(t / n for t, n in zip(times[method], times["none"]))
+        goal = 1.03 if method in GRADIENT_TERM else 1.15 if method in LOSS_TERM else None
+        verdict = "" if goal is None else f"<= {goal:.2f}x: {'OK' if ratio <= goal else 'MISS'}"
+        print(f"{method:<10} {1000 * statistics.median(times[method]):8.1f} {ratio:6.3f}x  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
