@@ -129,3 +129,30 @@ def test_soup_refuses_runs_from_different_starts(make_cfg, tmp_path):
         run_experiment(make_cfg(f"seed={seed}", "source.epochs=1", "target.epochs=1"), tmp_path / "sweep" / str(seed))
     with pytest.raises(Exception, match="do not share one starting point"):
         make_soups(tmp_path / "sweep")
+
+
+def test_delta_last_block_attention_without_a_forward_per_channel_equals_zeroing_by_hand():
+    """The default block (the last) takes the shortcut: zeroing a pooled feature. It must equal a
+    forward pass with that channel of the block's output zeroed, for every channel."""
+    from sklearn.linear_model import LogisticRegression
+
+    torch.manual_seed(1)
+    backbone = SmallCNN((1, 8, 8), channels=[4, 5]).eval()
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
+    ctx = MethodContext(backbone=backbone, task=Classification(3),
+                        target_loader=lambda: make_loader((x, y), 16, shuffle=False))
+    calls = []
+    handle = backbone.register_forward_hook(lambda *_: calls.append(1))
+    stats = DELTA(blocks=None, attention=True, attention_examples=30).compute_statistics(ctx)
+    handle.remove()
+    # 2 batches: features, probe loss, pooled, one check — not one forward per channel (5 more × 2)
+    assert len(calls) <= 9
+    with torch.no_grad():
+        f = backbone(x[:30])
+        probe = LogisticRegression(max_iter=1000).fit(f.numpy(), y[:30].numpy())
+        w, b = torch.tensor(probe.coef_, dtype=torch.float32), torch.tensor(probe.intercept_, dtype=torch.float32)
+        loss = lambda feats: F.cross_entropy(feats @ w.T + b, y[:30]).item()  # noqa: E731
+        last = len(backbone.blocks) - 1
+        increase = torch.tensor([max(loss(finish(backbone, block_output(backbone, x[:30], last, c), last)) - loss(f), 0.0)
+                                 for c in range(5)])
+    torch.testing.assert_close(stats[f"block{last}"], 5 * torch.softmax(increase, 0), atol=1e-4, rtol=1e-4)
