@@ -11,8 +11,10 @@ test splits, as evaluation is not what is timed), run through
 (statistics from the shared stage cache, untimed: the source stage, EWC's Fisher, LwF's teacher
 logits, DELTA's channel attention, Co-Tuning's category relationship are computed once by the
 first run and reused). A step is timed from Lightning's `on_train_batch_start` to
-`on_train_batch_end` (forward, loss terms, backward, penalty gradients, optimizer step); a run's
-number is the median of its steps after the first 3. Methods run round-robin `--repeats` times;
+`on_train_batch_end` (forward, loss terms, backward, penalty gradients, optimizer step) in CPU
+time of this process (`time.process_time`: on a machine other jobs share, wall time per step
+varies by ±30% and cannot resolve a few percent); a run's number is the median of its steps
+after the first 3. Methods run round-robin `--repeats` times;
 the ratio is the median over rounds of (method / none in the same round).
 
 Goals (issue 10): methods that add a loss term (LwF, DELTA, BSS, Co-Tuning) ≤ 1.15×, methods that
@@ -56,10 +58,10 @@ class StepTimer(pl.Callback):
         self.seconds: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.started = time.perf_counter()
+        self.started = time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds.append(time.perf_counter() - self.started)
+        self.seconds.append(time.process_time() - self.started)
 
 
 def step_seconds(overrides: list[str], run_dir: Path) -> float:
@@ -100,20 +102,18 @@ def main() -> None:
                 f"paths.output_root={tmp}/outputs", f"cache.dir={tmp}/cache"]
         if args.layers:
             base.append(f"backbone.num_layers={args.layers}")
-        for method in methods:  # warm-up: fills the stage cache (source stage, statistics) untimed
-            step_seconds(base + [f"regularizer={method}"], Path(tmp) / f"warm-{method}")
-        times = {m: [] for m in methods}
+        times = {m: [] for m in methods}  # the first round also fills the stage cache (outside the steps)
         for round_ in range(args.repeats):
             for method in methods:
                 times[method].append(step_seconds(base + [f"regularizer={method}"], Path(tmp) / f"{method}-{round_}"))
     print(f"torch {torch.__version__}, {args.threads} threads, MiniLM layers: {args.layers or 6}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<10} {'step ms':>8} {'/ none':>7}  goal")
+    print(f"{'method':<10} {'step CPU ms':>11} {'/ none':>7}  goal")
     for method in methods:
         ratio = statistics.median(t / n for t, n in zip(times[method], times["none"]))
         goal = 1.03 if method in GRADIENT_TERM else 1.15 if method in LOSS_TERM else None
         verdict = "" if goal is None else f"<= {goal:.2f}x: {'OK' if ratio <= goal else 'MISS'}"
-        print(f"{method:<10} {1000 * statistics.median(times[method]):8.1f} {ratio:6.3f}x  {verdict}")
+        print(f"{method:<10} {1000 * statistics.median(times[method]):11.1f} {ratio:6.3f}x  {verdict}")
 
 
 if __name__ == "__main__":
