@@ -140,3 +140,13 @@ def test_wise_ft_curve():
         "ID (target test accuracy)", "OOD (target OOD test accuracy)", "source (source test accuracy)"]
     assert ax.get_xlim() == pytest.approx((-0.03, 1.03))
     assert plot.caption.startswith("WiSE-FT") and "n = 3 seeds" in plot.caption
+
+
+def test_scatter_labels_drop_the_key_every_setting_shares():
+    from transferlab.figures import without_common_key
+
+    assert without_common_key(["+ablation/baselines=none", "+ablation/baselines=lwf"]) == ["none", "lwf"]
+    assert without_common_key(["regularizer=l2sp", "freeze=lp_ft"]) == ["regularizer=l2sp", "freeze=lp_ft"]
+    two_keys = ["source=pretrained data.size=100", "source=pretrained data.size=500"]
+    assert without_common_key(two_keys) == two_keys
+    assert without_common_key(["full"]) == ["full"]

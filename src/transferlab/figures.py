@@ -27,6 +27,8 @@ never pyplot: no global figure state, nothing to close, safe in a Hydra callback
 
 from __future__ import annotations
 
+import os
+
 import logging
 import math
 import re
@@ -318,6 +320,16 @@ def numeric(series: Mapping[str, Sequence[Mapping]], metric: str, xkey: str, log
     return _done(fig, caption, save_to)
 
 
+def without_common_key(labels: list[str]) -> list[str]:
+    """Labels without the "key=" they all start with ("+ablation/baselines=none" → "none"), so
+    points close together keep readable names; unchanged when they do not share one."""
+    prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    prefix = prefix[:prefix.rfind("=") + 1] if "=" in prefix else ""
+    if not prefix or " " in prefix or any(" " in label[len(prefix):] for label in labels):
+        return labels  # several keys per setting: one shared key alone does not name them
+    return [label[len(prefix):] or label for label in labels]
+
+
 def scatter(points: Sequence[Mapping], xkey: str, ykey: str, logx: bool | None = None, note: str | None = None,
             save_to: str | Path | None = None) -> Plot:
     """One labelled point per setting: points carry "label", "x", "y" and optionally "xerr",
@@ -341,9 +353,10 @@ def scatter(points: Sequence[Mapping], xkey: str, ykey: str, logx: bool | None =
             ax.set_xscale("log")
         position = np.log10(x) if logx else x
         middle = (position.min() + position.max()) / 2
-        for xi, yi, pi, p in zip(x, y, position, points):  # labels point inward: they stay inside
+        labels = without_common_key([p["label"] for p in points])
+        for xi, yi, pi, label in zip(x, y, position, labels):  # labels point inward: they stay inside
             left = pi > middle
-            ax.annotate(_wrap(p["label"], 22), (xi, yi), xytext=(-5 if left else 5, 3), textcoords="offset points",
+            ax.annotate(_wrap(label, 22), (xi, yi), xytext=(-5 if left else 5, 3), textcoords="offset points",
                         fontsize=7, ha="right" if left else "left")
         ax.margins(x=0.08)
         limits = y_limits(ykey, list(y - np.nan_to_num(yerr)), list(y + np.nan_to_num(yerr)))
