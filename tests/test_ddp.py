@@ -58,7 +58,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert sorted(p.parent.name for p in tmp_path.joinpath("ddp").rglob("metrics.csv")) == ["source", "target"]
     assert two["metrics"]["cache/source_hit"] is False and two["metrics"]["cache/ewc_statistics_hit"] is False
     entries = sorted(p.parent.parent.name for p in (tmp_path / "cache2").rglob("manifest.json"))
-    assert entries == ["method_statistics", "source"]
+    assert entries == ["frozen_blocks", "method_statistics", "source"]  # partial: block 0 frozen all stage
     assert not [p for p in (tmp_path / "cache2").rglob("*") if ".tmp" in p.name], "a rank left a temporary entry"
 
 
