@@ -27,10 +27,9 @@ never pyplot: no global figure state, nothing to close, safe in a Hydra callback
 
 from __future__ import annotations
 
-import os
-
 import logging
 import math
+import os
 import re
 import textwrap
 from collections.abc import Mapping, Sequence

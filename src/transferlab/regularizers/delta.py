@@ -117,9 +117,9 @@ class DELTA(Regularizer):
                 n += keep
                 if n >= self.attention_examples:
                     break
-            features = torch.cat([backbone(x).float() for x, _ in batches]).cpu().numpy()
+            pooled = [backbone(x).float() for x, _ in batches]  # the start features, once
             labels = torch.cat([y for _, y in batches]).cpu().numpy()
-            probe = LogisticRegression(max_iter=1000).fit(features, labels)
+            probe = LogisticRegression(max_iter=1000).fit(torch.cat(pooled).cpu().numpy(), labels)
             weight = torch.as_tensor(probe.coef_, dtype=torch.float32, device=device)
             bias = torch.as_tensor(probe.intercept_, dtype=torch.float32, device=device)
             if weight.shape[0] == 1:  # scikit-learn's binary case: one row, for the second class
@@ -127,25 +127,25 @@ class DELTA(Regularizer):
             classes = torch.as_tensor(probe.classes_, device=device)
             targets = [torch.searchsorted(classes, y) for _, y in batches]
 
-            def probe_loss() -> float:
-                return sum(F.cross_entropy(backbone(x).float() @ weight.T + bias, t, reduction="sum").item()
-                           for (x, _), t in zip(batches, targets)) / n
+            def features_loss(features: list[torch.Tensor]) -> float:
+                return sum(F.cross_entropy(f @ weight.T + bias, t, reduction="sum").item()
+                           for f, t in zip(features, targets)) / n
 
-            base = probe_loss()
+            def probe_loss() -> float:
+                return features_loss([backbone(x).float() for x, _ in batches])
+
+            base = features_loss(pooled)
             outputs = BlockOutputs(backbone, blocks)
             backbone(batches[0][0])
             outputs.remove()
-            pooled = [backbone(x).float() for x, _ in batches]
 
             def zeroed_loss(c: int) -> float:
                 """The last block with channel c zeroed: the pooled features with feature c zeroed
                 (pooling is per channel), so no forward pass."""
-                loss = 0.0
-                for f, t in zip(pooled, targets):
-                    f = f.clone()
+                zeroed = [f.clone() for f in pooled]
+                for f in zeroed:
                     f[:, c] = 0
-                    loss += F.cross_entropy(f @ weight.T + bias, t, reduction="sum").item()
-                return loss / n
+                return features_loss(zeroed)
 
             def forward_loss(j: int, c: int) -> float:
                 handle = backbone.blocks[j].register_forward_hook(zero_channel(c))

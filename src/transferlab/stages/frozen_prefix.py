@@ -146,6 +146,7 @@ def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
     return captured[0]
 
 
+@torch.no_grad()
 def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device, text: bool, pooled: bool):
     """Block k-1's output (pooled: the backbone's output) for every example of the split, in order:
     a tensor, or for text blocks {"hidden", "attention_mask"} at the split's width."""
@@ -155,8 +156,7 @@ def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device,
         index = list(range(start, min(start + EVAL_BATCH, len(y))))
         batch = x[index]
         batch = {n: t.to(device) for n, t in batch.items()} if text else batch.to(device)
-        with torch.no_grad():
-            out = backbone(batch) if pooled else block_output(backbone, k, batch, text)
+        out = backbone(batch) if pooled else block_output(backbone, k, batch, text)
         outputs.append(out.cpu())
     if pooled or not text:
         return torch.cat(outputs)
