@@ -14,8 +14,8 @@ first run and reused). A step is timed from Lightning's `on_train_batch_start` t
 `on_train_batch_end` (forward, loss terms, backward, penalty gradients, optimizer step) in CPU
 time of this process (`time.process_time`: on a machine other jobs share, wall time per step
 varies by ±30% and cannot resolve a few percent); a run's number is the median of its steps
-after the first 3. Methods run round-robin `--repeats` times;
-the ratio is the median over rounds of (method / none in the same round).
+after the first 3. Methods run round-robin `--repeats` times (every other round in reverse
+order); the ratio is the median over rounds of (method / none in the same round).
 
 Goals (issue 10): methods that add a loss term (LwF, DELTA, BSS, Co-Tuning) ≤ 1.15×, methods that
 add a gradient in place (L2, L2-SP, EWC) ≤ 1.03×.
@@ -64,12 +64,17 @@ class StepTimer(pl.Callback):
         self.seconds.append(time.process_time() - self.started)
 
 
-def step_seconds(overrides: list[str], run_dir: Path) -> float:
-    """The median step time of one run's target stage."""
-    timer, original = StepTimer(), target.fit_stage
+def step_seconds(overrides: list[str], run_dir: Path) -> tuple[float, float]:
+    """The median step time of one run's target stage, and the CPU time of its whole fit (with
+    what methods do once when it starts, e.g. DELTA's start features, and the validation passes)."""
+    timer, original, fit = StepTimer(), target.fit_stage, []
 
     def timed_fit(*args, callbacks, **kwargs):
-        return original(*args, callbacks=[*callbacks, timer], **kwargs)
+        started = time.process_time()
+        try:
+            return original(*args, callbacks=[*callbacks, timer], **kwargs)
+        finally:
+            fit.append(time.process_time() - started)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -79,7 +84,7 @@ def step_seconds(overrides: list[str], run_dir: Path) -> float:
         run_experiment(cfg, run_dir)
     finally:
         target.fit_stage = original
-    return statistics.median(timer.seconds[WARMUP_STEPS:])
+    return statistics.median(timer.seconds[WARMUP_STEPS:]), fit[-1]
 
 
 def main() -> None:
@@ -103,17 +108,25 @@ def main() -> None:
         if args.layers:
             base.append(f"backbone.num_layers={args.layers}")
         times = {m: [] for m in methods}  # the first round also fills the stage cache (outside the steps)
+        fits = {m: [] for m in methods}
         for round_ in range(args.repeats):
-            for method in methods:
-                times[method].append(step_seconds(base + [f"regularizer={method}"], Path(tmp) / f"{method}-{round_}"))
+            # every other round in reverse order: the machine's drift does not favour either end
+            for method in methods if round_ % 2 == 0 else methods[::-1]:
+                step, fit = step_seconds(base + [f"regularizer={method}"], Path(tmp) / f"{method}-{round_}")
+                times[method].append(step)
+                fits[method].append(fit)
     print(f"torch {torch.__version__}, {args.threads} threads, MiniLM layers: {args.layers or 6}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<10} {'step CPU ms':>11} {'/ none':>7}  goal")
+    for method in methods:
+        print(f"{method}: step CPU ms per round", " ".join(f"{1000 * t:.0f}" for t in times[method]))
+    print(f"{'method':<10} {'step CPU ms':>11} {'/ none':>7}  {'goal':<13} {'fit CPU s':>9} {'/ none':>7}")
     for method in methods:
         ratio = statistics.median(t / n for t, n in zip(times[method], times["none"]))
+        fit_ratio = statistics.median(t / n for t, n in zip(fits[method], fits["none"]))
         goal = 1.03 if method in GRADIENT_TERM else 1.15 if method in LOSS_TERM else None
         verdict = "" if goal is None else f"<= {goal:.2f}x: {'OK' if ratio <= goal else 'MISS'}"
-        print(f"{method:<10} {1000 * statistics.median(times[method]):11.1f} {ratio:6.3f}x  {verdict}")
+        print(f"{method:<10} {1000 * statistics.median(times[method]):11.1f} {ratio:6.3f}x  {verdict:<13} "
+              f"{statistics.median(fits[method]):9.1f} {fit_ratio:6.3f}x")
 
 
 if __name__ == "__main__":

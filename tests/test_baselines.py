@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,81 @@ def test_delta_block_out_of_range_names_the_key():
     backbone = SmallCNN((1, 8, 8), channels=[4, 5])
     with pytest.raises(Exception, match=r"regularizer.blocks=\[7\]: block 7 is out of range"):
         DELTA(blocks=[7], attention=False).blocks(backbone)
+
+
+def delta_pair(backbone, head, loader, **settings):
+    """Two DELTAs at the same start: one given the training split (its start features stored
+    once), one without (the frozen copy runs on every batch)."""
+    stored, forward = DELTA(**settings), DELTA(**settings)
+    stored.attach(MethodContext(backbone=backbone, head=head, target_loader=loader))
+    forward.attach(MethodContext(backbone=backbone, head=head))
+    assert stored.start_features is not None and forward.start_features is None
+    return stored, forward
+
+
+def delta_steps(backbone, head, deltas, batches):
+    """Each DELTA's loss and gradient on block 0's first weight, batch by batch."""
+    weight = next(backbone.blocks[0].parameters())
+    for x, y, index in batches:
+        results = []
+        for delta in deltas:
+            features = backbone(x)
+            loss = delta.loss_term(Step(x, y, index, features, head(features), None))
+            results.append((loss, torch.autograd.grad(loss, weight)[0]))
+        yield results
+
+
+def test_delta_start_features_stored_once_equal_the_start_copy_on_every_batch():
+    torch.manual_seed(0)
+    backbone, head = SmallCNN((1, 8, 8), channels=[4, 6]), torch.nn.Linear(6, 3)
+    x, y = torch.rand(20, 1, 8, 8), torch.arange(20) % 3
+    stored, forward = delta_pair(backbone, head, lambda: make_loader((x, y), 8, shuffle=False),
+                                 alpha=0.3, beta=0.0, blocks=[0, 1], attention=False)  # 4x4 and 2x2 maps
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    backbone.eval()
+    batches = list(make_loader((x, y), 6, shuffle=True, seed=3, with_index=True))
+    for (got, g_got), (want, g_want) in delta_steps(backbone, head, (stored, forward), batches):
+        assert want > 0
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-6)
+    assert stored.checked and stored.start is None  # after the first batch's check, no copy at all
+
+
+def test_delta_on_text_counts_tokens_not_padding_and_reads_stored_start_features():
+    from transferlab.backbones.minilm import MiniLM
+    from transferlab.data.text import tokenize
+
+    torch.manual_seed(0)
+    backbone = MiniLM(num_layers=1)
+    head = torch.nn.Linear(backbone.feature_dim, 2)
+    texts = ["ok", "my bag is lost and nobody answers the phone at all", "delayed again #fail", "great flight",
+             "the the cat sat on the mat", "no"]
+    tokens, y = tokenize(np.array(texts, dtype=object), backbone.tokenizer, max_length=32), torch.arange(6) % 2
+    start = MiniLM(num_layers=1).eval()
+    start.load_state_dict(backbone.state_dict())
+    stored, forward = delta_pair(backbone, head, lambda: make_loader((tokens, y), 4, shuffle=False),
+                                 alpha=0.5, beta=0.0, blocks=[0, 1], attention=False)  # embeddings, layer
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    backbone.eval()
+    # "ok" (index 0) alone, then beside the longest text (so with more padding)
+    alone, beside = [(tokens[i], y[i], torch.tensor(i)) for i in ([0], [0, 1])]
+    ((a, _), (a_forward, _)), ((b, _), (b_forward, _)) = delta_steps(backbone, head, (stored, forward), [alone, beside])
+    torch.testing.assert_close(a, a_forward, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b, b_forward, atol=1e-6, rtol=1e-5)
+    assert stored.checked  # the second batch read the stored features
+
+    @torch.no_grad()
+    def distance(i):  # Σ over blocks and the text's own tokens of ‖F(w, x) − F(w⁰, x)‖², by hand
+        x = tokens[[i]]
+        embeddings = backbone.blocks[0](input_ids=x["input_ids"]) - start.blocks[0](input_ids=x["input_ids"])
+        return embeddings.square().sum() + (backbone.token_features(x) - start.token_features(x)).square().sum()
+
+    torch.testing.assert_close(a, 0.5 * distance(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b, 0.5 * (distance(0) + distance(1)) / 2, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["true", "false"])

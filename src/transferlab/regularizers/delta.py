@@ -3,9 +3,16 @@
     Ω = alpha · mean_n Σ_j Σ_c W_jc ‖F_jc(w, x_n) − F_jc(w⁰, x_n)‖²  +  beta/2 · ‖w_head‖²
 
 F_jc is channel c of block j's output (images: a feature map, summed over positions; text: one
-hidden unit, summed over tokens), w⁰ the weights at the start of the target stage — computed per
-batch by a frozen copy in eval mode. The mean over the batch keeps alpha independent of the
-batch size (TLlib sums over the batch instead).
+hidden unit, summed over the text's tokens — padding excluded, since how much of it a text gets
+depends on the longest text that shares its batch), w⁰ the weights at the start of the target
+stage, in eval mode. The mean over the batch keeps alpha independent of the batch size (TLlib sums
+over the batch instead).
+
+F(w⁰, x_n) never changes during the stage (frozen copy, eval mode, no augmentation), so it is
+computed once per training example when the stage starts (one forward pass over the training
+split) and read by the batch's `index` at every step; the first step checks it against the frozen
+copy's forward on the batch, and the copy runs every step instead when that differs (augmented
+inputs, mixed precision) or the outputs would not fit in START_FEATURES_LIMIT_BYTES.
 
 - `attention: false` (TLlib's BehavioralRegularization): W_jc = 1.
 - `attention: true`: W_j = C_j · softmax_c(Δ_jc), Δ_jc the increase of the target loss when
@@ -22,6 +29,7 @@ The beta term pulls the new head toward 0 (as L2-SP's), added as an exact gradie
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Optional
 
 import torch
@@ -33,6 +41,9 @@ from transferlab.method import SOURCE_MODEL, TARGET_DATA, MethodContext, Step
 from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
 from transferlab.tasks import evaluating, to_device
 
+log = logging.getLogger(__name__)
+
+START_FEATURES_LIMIT_BYTES = 2 << 30  # the start features of every training example, all chosen blocks
 
 def channels_last(output) -> torch.Tensor:
     """A block's output as (N, positions, channels): images (N, C, H, W), text (N, L, d), (N, d)."""
@@ -57,6 +68,17 @@ class BlockOutputs:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def padding_mask(x) -> Optional[torch.Tensor]:
+    """(N, positions, 1): 1 on a text's tokens, 0 on its padding; None for images."""
+    return x["attention_mask"][..., None] if isinstance(x, dict) else None
+
+
+def distance_per_channel(now: torch.Tensor, start: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Σ over positions of (now − start)², per example and channel: (N, channels)."""
+    squared = (now - start).square()
+    return (squared if mask is None else squared * mask.to(squared.dtype)).sum(1)
 
 
 def first(x, k: int):
@@ -186,22 +208,75 @@ class DELTA(Regularizer):
         self.start_outputs = BlockOutputs(self.start, self.block_ids)
         self.outputs = BlockOutputs(backbone, self.block_ids)
         self.head = list(ctx.head.parameters())
+        device = next(backbone.parameters()).device
         if self.channel_weights is not None:
-            device = next(backbone.parameters()).device
             self.channel_weights = [w.to(device) for w in self.channel_weights]
+        self.start_features = self.training_split_start_features(ctx, device)
+        self.checked = False
+
+    @torch.no_grad()
+    def training_split_start_features(self, ctx: MethodContext, device) -> Optional[list[torch.Tensor]]:
+        """Each chosen block's start output for every training example, in split order: one
+        (N, positions, channels) tensor per block (text: at the split's width, zero on padding).
+        None without the training split, or when it would not fit."""
+        if ctx.target_loader is None:
+            return None
+        self.start.to(device)
+        kept: list[list[torch.Tensor]] = [[] for _ in self.block_ids]
+        size = 0
+        for batch in ctx.target_loader():
+            x = to_device(batch, device)[0]
+            self.start(x)
+            for i, j in enumerate(self.block_ids):
+                out = self.start_outputs.outputs[j]
+                kept[i].append(out)
+                size += out.numel() * out.element_size()
+            if size > START_FEATURES_LIMIT_BYTES:
+                log.info("regularizer=delta: the start features would exceed %d GiB: the start copy runs "
+                         "every step", START_FEATURES_LIMIT_BYTES >> 30)
+                return None
+        width = max(out.shape[1] for out in kept[0])  # text batches are cut to their longest text
+        return [torch.cat([F.pad(out, (0, 0, 0, width - out.shape[1])) for out in outs]) for outs in kept]
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.outputs.remove()
         self.start_outputs.remove()
-        self.start = None
+        self.start = self.start_features = None
 
-    def loss_term(self, step: Step) -> torch.Tensor:
+    def start_of_batch(self, step: Step) -> list[torch.Tensor]:
+        """The chosen blocks' start outputs on the batch: read from the training split's (after a
+        check on the first step), or by the frozen copy's forward."""
+        if self.start_features is not None and step.index is not None:
+            index = step.index.to(self.start_features[0].device)
+            # text: a batch is cut to its longest text, so its positions are the split's first ones
+            stored = [f[index, :self.outputs.outputs[j].shape[1]] for j, f in zip(self.block_ids, self.start_features)]
+            if self.checked:
+                return stored
+            forward = self.forward_start(step)
+            mask = padding_mask(step.x)
+            mask = 1 if mask is None else mask  # padding is not compared (nor counted in the loss)
+            same = all(s.shape == f.shape and torch.allclose((s * mask).float(), (f * mask).float(), rtol=1e-4, atol=1e-5)
+                       for s, f in zip(stored, forward))
+            if same:
+                self.checked, self.start = True, None  # the copy is not needed any more
+                self.start_outputs.remove()
+                return stored
+            log.info("regularizer=delta: the stored start features differ from the start copy's on the "
+                     "first batch (augmented inputs or mixed precision?): it runs every step")
+            self.start_features = None
+            return forward
+        return self.forward_start(step)
+
+    def forward_start(self, step: Step) -> list[torch.Tensor]:
         with torch.no_grad():
             self.start.to(step.features.device)(step.x)
+        return [self.start_outputs.outputs[j] for j in self.block_ids]
+
+    def loss_term(self, step: Step) -> torch.Tensor:
+        mask = padding_mask(step.x)
         total = step.features.new_zeros(())
-        for i, j in enumerate(self.block_ids):
-            now, start = self.outputs.outputs[j], self.start_outputs.outputs[j]
-            per_channel = (now - start).square().sum(1)  # (N, channels)
+        for i, (j, start) in enumerate(zip(self.block_ids, self.start_of_batch(step))):
+            per_channel = distance_per_channel(self.outputs.outputs[j], start, mask)  # (N, channels)
             if self.channel_weights is not None:
                 per_channel = per_channel * self.channel_weights[i]
             total = total + per_channel.sum(1).mean()
