@@ -33,7 +33,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 warnings.filterwarnings("ignore")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from conftest import compose_config
 from transferlab.data import make_transfer_data

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-import json
 import shutil
 from pathlib import Path
 
