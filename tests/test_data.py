@@ -69,6 +69,21 @@ def test_splits_follow_the_seed_including_zero():
     assert torch.equal(fixed[0].target.test[0], fixed[1].target.test[0])
 
 
+def test_test_size_caps_each_test_split_seeded_and_leaves_the_other_splits_alone():
+    full, capped = split(), split(["data.test_size=60"])
+    for a, b in ((full.source, capped.source), (full.target, capped.target)):
+        assert b.sizes()["test"] == 60 and np.bincount(b.test[1].numpy()).tolist() == [12] * 5  # stratified
+        assert rows(b.test[0]) < rows(a.test[0])  # a subset of the full test split
+        assert torch.equal(a.train[0], b.train[0]) and torch.equal(a.val[0], b.val[0])
+    again, other_seed = split(["data.test_size=60"]), split(["data.test_size=60"], seed=1)
+    assert torch.equal(again.target.test[0], capped.target.test[0])
+    assert not torch.equal(other_seed.target.test[0], capped.target.test[0])
+    assert torch.equal(split(["data.test_size=100000"]).target.test[0], full.target.test[0])  # larger: all
+    with pytest.raises(ConfigError, match=r"data.test_size=0: must be >= 1"):
+        from transferlab.config import validate
+        validate(compose_config(["data.test_size=0"]))
+
+
 def test_budget_larger_than_data_names_the_key():
     with pytest.raises(ConfigError, match=r"data.target_train_size=5000 exceeds the \d+ target"):
         split(["data.target_train_size=5000"])

@@ -59,6 +59,7 @@ class DataConfig:
     test_fraction: float = 0.2  # used only by datasets without an official test split
     source_train_size: Optional[int] = None  # cap on source training examples (None: all)
     target_train_size: Optional[int] = None  # the label budget on the target (None: all)
+    test_size: Optional[int] = None  # cap on each task's test split, seeded and stratified (None: all)
     split_seed: Optional[int] = None  # None: follow `seed`, so each seed draws its own split
     # A domain split (text: airline → other tweets): when given, tasks are cut by domain and
     # both keep the classes listed above (which may then be the same). Empty: a class split.
@@ -396,7 +397,7 @@ def validate(cfg) -> None:
         value = cfg.data[key]
         if not 0 < value < 1:
             raise ConfigError(f"data.{key}={value}: must be in (0, 1)")
-    for key in ("source_train_size", "target_train_size", "ood_test_size"):
+    for key in ("source_train_size", "target_train_size", "test_size", "ood_test_size"):
         value = cfg.data[key]
         if value is not None and value < 1:
             raise ConfigError(f"data.{key}={value}: must be >= 1 (or null for all)")

@@ -104,6 +104,11 @@ def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed
     else:
         x, x_test, y, y_test = _split(x, y, data_cfg.test_fraction, draw())
     x_train, x_val, y_train, y_val = _split(x, y, data_cfg.val_fraction, draw())
+    cap = data_cfg.get("test_size")
+    if cap is not None and cap < len(y_test):
+        # its own stream: the other cuts draw what they drew before the cap existed
+        test_seed = int(np.random.default_rng((seed, 1)).integers(2**31 - 1))
+        x_test, _, y_test, _ = _split(x_test, y_test, len(y_test) - cap, test_seed)
 
     budget = data_cfg[f"{name}_train_size"]
     if budget is not None:
@@ -174,6 +179,8 @@ def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> Task
             raise ConfigError(f"data.{name}_train_size={budget} exceeds the {len(train)} training sentences of "
                               f"{pool.name} left after holding out val/test; lower it or set it to null (all)")
         train = train[:budget]  # already a random order
+    if data_cfg.get("test_size") is not None:
+        test = test[:data_cfg.test_size]
     cut = lambda idx: (pool.x_train[idx], pool.y_train[idx])  # noqa: E731
     return TaskSplits(name, classes, cut(train), cut(val), cut(test), token_level=True,
                       label_names=list(pool.class_names))
