@@ -463,3 +463,26 @@ def test_load_runs_reads_overrides_and_natural_order(tmp_path):
     assert [r["name"] for r in runs] == ["2", "10", "a/1", "b"]
     assert runs[0]["overrides"] == ["regularizer=l2sp", "seed=0"] and runs[3]["overrides"] is None
     assert runs[0]["dir"] == tmp_path / "2" and runs[0]["metrics"]["target/test_acc"] == 0.9
+
+
+def test_wise_ft_table_means_the_curve_and_counts_the_chosen_alphas(tmp_path):
+    from transferlab.evidence import by_setting, wise_ft_table
+
+    curves = {0: ([0.5, 0.7, 0.9], 0.5), 1: ([0.6, 0.8, 0.7], 0.5), 2: ([0.4, 0.6, 0.95], 1)}
+    for seed, (accs, best) in curves.items():
+        m = {f"wise_ft/{a:g}/target/test_acc": acc for a, acc in zip((0, 0.5, 1), accs)}
+        m |= {"target/test_acc": accs[2], "target/val_acc": accs[2], "wise_ft/best_alpha": best,
+              "wise_ft/target/test_acc": accs[[0, 0.5, 1].index(best)], "wise_ft/transfer/forgetting": 0.1 * seed}
+        write_job(tmp_path, str(seed), config=make_config(seed=seed), metrics=m)
+    runs, _ = analyse(tmp_path)
+    table = "\n".join(wise_ft_table(by_setting(runs), [0.0, 0.5, 1.0], "target/test_acc"))
+    [setting] = by_setting(runs)
+    cells = md_cells(table, setting)
+    for alpha, column in ((0, 0), (0.5, 1), (1, 2)):
+        mean, _, ci = expected([accs[column] for accs, _ in curves.values()])
+        assert cells[f"α = {alpha:g}"] == f"{mean:.4f} ± {ci:.4f}"
+    assert cells["chosen α (seeds)"] == "1 ×1, 0.5 ×2"
+    mean, _, ci = expected([0.7, 0.8, 0.95])
+    assert cells["target/test_acc at chosen α"] == f"{mean:.4f} ± {ci:.4f}"
+    mean, _, ci = expected([0.0, 0.1, 0.2])
+    assert cells["forgetting at chosen α"] == f"{mean:.4f} ± {ci:.4f}"

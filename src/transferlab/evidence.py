@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 from transferlab import figures, stats
@@ -173,6 +174,7 @@ def generalization_section(runs: list[dict], plots: Path, out_dir: Path) -> list
     if alphas:
         lines += ["", "WiSE-FT: (1−α)·θ_start + α·θ_tuned on the backbone, mean ± 95% CI over seeds at each α "
                   "(α = 1 is the fine-tuned model; the selected α is chosen on validation).", ""]
+        lines += wise_ft_table(settings, alphas, head)
         for label, members in settings.items():
             keys = [head] + ([ood] if has_ood else []) + ["source/test_acc"]
             curves = {k: [stats.mean_ci(values(members, f"wise_ft/{a:g}/{k}")) for a in alphas] for k in keys}
@@ -183,6 +185,25 @@ def generalization_section(runs: list[dict], plots: Path, out_dir: Path) -> list
             plot.caption = f"{label}: {plot.caption}"
             lines += figure_lines(plot, out_dir)
     return lines
+
+
+def wise_ft_table(settings: dict[str, list[dict]], alphas: list[float], head: str) -> list[str]:
+    """Per setting: the target test metric at each α, the α each seed chose on validation, and the
+    test metric and forgetting at the chosen α."""
+    lines = [row(["setting", "n", *[f"α = {a:g}" for a in alphas], "chosen α (seeds)", f"{head} at chosen α",
+                  "forgetting at chosen α"]),
+             row(["---", "---:", *["---:"] * len(alphas), "---", "---:", "---:"])]
+    for label, members in settings.items():
+        at = [stats.mean_ci(values(members, f"wise_ft/{a:g}/{head}")) for a in alphas]
+        if not any(s["n"] for s in at):
+            continue
+        chosen = Counter(r["metrics"]["wise_ft/best_alpha"] for r in members
+                         if r["metrics"].get("wise_ft/best_alpha") is not None)
+        chosen_text = ", ".join(f"{a:g} ×{count}" for a, count in sorted(chosen.items(), reverse=True)) or NO_VALUE
+        lines.append(row([label, str(max(s["n"] for s in at)), *[mean_ci_text(s) for s in at], chosen_text,
+                          mean_ci_text(stats.mean_ci(values(members, f"wise_ft/{head}"))),
+                          mean_ci_text(stats.mean_ci(values(members, "wise_ft/transfer/forgetting")))]))
+    return lines + [""]
 
 
 # -- paired comparison against a baseline setting -------------------------------------------------
