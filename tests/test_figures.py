@@ -150,3 +150,23 @@ def test_scatter_labels_drop_the_key_every_setting_shares():
     two_keys = ["source=pretrained data.size=100", "source=pretrained data.size=500"]
     assert without_common_key(two_keys) == two_keys
     assert without_common_key(["full"]) == ["full"]
+
+
+def test_scatter_labels_of_close_points_do_not_overlap():
+    """The baselines ablation's trade-off plot: none / bss, lp_ft / ewc and l2sp / delta lie close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    arms = {"none": (0.468, 0.9428), "bss": (0.489, 0.9427), "lp_ft": (0.403, 0.9374), "ewc": (0.431, 0.938),
+            "l2sp": (0.354, 0.9166), "delta": (0.385, 0.9162), "lwf": (0.263, 0.9354), "co_tuning": (0.654, 0.9369)}
+    points = [{"label": f"+ablation/baselines={name}", "x": x, "y": y, "xerr": 0.1, "yerr": 0.01, "n": 5}
+              for name, (x, y) in arms.items()]
+    fig = figures.scatter(points, "transfer/forgetting", "target/test_acc").figure
+    ax = fig.axes[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    assert set(boxes) == set(arms)
+    names = sorted(boxes)
+    clashes = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if boxes[a].overlaps(boxes[b])]
+    assert clashes == []
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes.values())

@@ -350,19 +350,16 @@ def scatter(points: Sequence[Mapping], xkey: str, ykey: str, logx: bool | None =
         ax.plot(x, y, linestyle="none", marker="o", color=OKABE_ITO[0], zorder=3, gid=DATA)
         if logx:
             ax.set_xscale("log")
-        position = np.log10(x) if logx else x
-        middle = (position.min() + position.max()) / 2
-        labels = without_common_key([p["label"] for p in points])
-        for xi, yi, pi, label in zip(x, y, position, labels):  # labels point inward: they stay inside
-            left = pi > middle
-            ax.annotate(_wrap(label, 22), (xi, yi), xytext=(-5 if left else 5, 3), textcoords="offset points",
-                        fontsize=7, ha="right" if left else "left")
         ax.margins(x=0.08)
         limits = y_limits(ykey, list(y - np.nan_to_num(yerr)), list(y + np.nan_to_num(yerr)))
         if limits is not None:
             ax.set_ylim(*limits)
         if metric_kind(xkey) == "nonnegative" and not logx:
             ax.set_xlim(left=0)
+        position = np.log10(x) if logx else x
+        middle = (position.min() + position.max()) / 2
+        labels = [_wrap(label, 22) for label in without_common_key([p["label"] for p in points])]
+        place_labels(fig, ax, x, y, labels, point_left=position > middle)
         if note:
             ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize=8)
         ax.set_xlabel(axis_label(xkey) + (" (log scale)" if logx else ""))
@@ -371,6 +368,41 @@ def scatter(points: Sequence[Mapping], xkey: str, ykey: str, logx: bool | None =
     caption = (f"{_sentence(axis_label(ykey))} against {axis_label(xkey)}, one point per setting "
                f"(mean over seeds{bars})" + (f"; {note}" if note else "") + ".")
     return _done(fig, caption, save_to)
+
+
+def place_labels(fig: Figure, ax, x, y, labels: Sequence[str], point_left) -> None:
+    """One label beside each point, at the first of a few spots (inward side first, so labels stay
+    inside; then below, above) where it overlaps no label placed already, no other point, and
+    stays within the axes; where none is free, the first spot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    FigureCanvasAgg(fig)  # a renderer, to measure the text
+    renderer = fig.canvas.get_renderer()
+    ax.get_xlim(), ax.get_ylim()  # settle autoscaling before reading positions
+    centres = ax.transData.transform(np.column_stack([x, y]))
+    radius = 3.5 * fig.dpi / 72  # the marker's, in pixels
+    markers = [Bbox.from_bounds(cx - radius, cy - radius, 2 * radius, 2 * radius) for cx, cy in centres]
+    frame, placed = ax.get_window_extent(renderer), []
+    for i, (xi, yi, label, left) in enumerate(zip(x, y, labels, point_left)):
+        sides = [(-5, "right"), (5, "left")] if left else [(5, "left"), (-5, "right")]
+        spots = [(dx, 3, ha) for dx, ha in sides] + [(dx, -10, ha) for dx, ha in sides] + [(0, 7, "center"),
+                                                                                           (0, -14, "center")]
+        for n, (dx, dy, ha) in enumerate(spots):
+            text = ax.annotate(label, (xi, yi), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=ha)
+            box = text.get_window_extent(renderer)
+            free = (not any(box.overlaps(b) for b in placed)
+                    and not any(box.overlaps(m) for j, m in enumerate(markers) if j != i)
+                    and frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)
+            if free or n == len(spots) - 1:
+                if not free:  # nowhere free: the first spot
+                    text.remove()
+                    dx, dy, ha = spots[0]
+                    text = ax.annotate(label, (xi, yi), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=ha)
+                    box = text.get_window_extent(renderer)
+                placed.append(box)
+                break
+            text.remove()
 
 
 def wise_ft(alphas: Sequence[float], curves: Mapping[str, Sequence[Mapping]], save_to: str | Path | None = None) -> Plot:
