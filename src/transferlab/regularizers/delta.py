@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 START_FEATURES_LIMIT_BYTES = 2 << 30  # the start features of every training example, all chosen blocks
 
+
 def channels_last(output) -> torch.Tensor:
     """A block's output as (N, positions, channels): images (N, C, H, W), text (N, L, d), (N, d)."""
     out = output[0] if isinstance(output, (tuple, list)) else output
