@@ -388,21 +388,22 @@ def place_labels(fig: Figure, ax, x, y, labels: Sequence[str], point_left) -> No
         sides = [(-5, "right"), (5, "left")] if left else [(5, "left"), (-5, "right")]
         spots = [(dx, 3, ha) for dx, ha in sides] + [(dx, -10, ha) for dx, ha in sides] + [(0, 7, "center"),
                                                                                            (0, -14, "center")]
-        for n, (dx, dy, ha) in enumerate(spots):
-            text = ax.annotate(label, (xi, yi), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=ha)
-            box = text.get_window_extent(renderer)
-            free = (not any(box.overlaps(b) for b in placed)
+        text = ax.annotate(label, (xi, yi), xytext=spots[0][:2], textcoords="offset points", fontsize=7)
+
+        def box_at(dx, dy, ha):
+            text.xyann = (dx, dy)
+            text.set_horizontalalignment(ha)
+            return text.get_window_extent(renderer)
+
+        for spot in spots:
+            box = box_at(*spot)
+            if (not any(box.overlaps(b) for b in placed)
                     and not any(box.overlaps(m) for j, m in enumerate(markers) if j != i)
-                    and frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1)
-            if free or n == len(spots) - 1:
-                if not free:  # nowhere free: the first spot
-                    text.remove()
-                    dx, dy, ha = spots[0]
-                    text = ax.annotate(label, (xi, yi), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=ha)
-                    box = text.get_window_extent(renderer)
-                placed.append(box)
+                    and frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1):
                 break
-            text.remove()
+        else:
+            box = box_at(*spots[0])  # nowhere free: the first spot
+        placed.append(box)
 
 
 def wise_ft(alphas: Sequence[float], curves: Mapping[str, Sequence[Mapping]], save_to: str | Path | None = None) -> Plot:
