@@ -48,8 +48,9 @@ def test_delta_attention_free_loss_is_the_feature_map_distance():
     backbone.eval(), start.eval()
     features = backbone(x)
     got = delta.loss_term(Step(x, None, None, features, head(features), None))
-    want = 0.3 * sum(((block_output(backbone, x, j) - block_output(start, x, j)) ** 2).flatten(1).sum(1).mean()
-                     for j in (0, 1))
+    # α/2 · mean over the batch of Σ_channels mean_positions (F − F⁰)²
+    want = 0.3 / 2 * sum(((block_output(backbone, x, j) - block_output(start, x, j)) ** 2).mean((2, 3)).sum(1).mean()
+                         for j in (0, 1))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     (g_got,) = torch.autograd.grad(got, backbone.blocks[0][0].weight)
     (g_want,) = torch.autograd.grad(want, backbone.blocks[0][0].weight)
@@ -66,16 +67,68 @@ def test_delta_channel_attention_matches_zeroing_each_channel_by_hand():
                         target_loader=lambda: make_loader((x, y), 16, shuffle=False))
     delta = DELTA(blocks=[0], attention=True, attention_examples=30)
     stats = delta.compute_statistics(ctx)
+    delta.use_statistics(stats, ctx)
     with torch.no_grad():
         f = backbone(x[:30])
         probe = LogisticRegression(max_iter=1000).fit(f.numpy(), y[:30].numpy())
         w, b = torch.tensor(probe.coef_, dtype=torch.float32), torch.tensor(probe.intercept_, dtype=torch.float32)
         loss = lambda feats: F.cross_entropy(feats @ w.T + b, y[:30]).item()  # noqa: E731
         base = loss(f)
-        increase = torch.tensor([max(loss(finish(backbone, block_output(backbone, x[:30], 0, c), 0)) - base, 0.0)
-                                 for c in range(4)])
-    torch.testing.assert_close(stats["block0"], 4 * torch.softmax(increase, 0), atol=1e-4, rtol=1e-4)
-    assert stats["block0"].mean().item() == pytest.approx(1.0)  # weights average 1: alpha means the same
+        increase = [loss(finish(backbone, block_output(backbone, x[:30], 0, c), 0)) - base for c in range(4)]
+    torch.testing.assert_close(stats["increase_block0"], torch.tensor(increase, dtype=torch.float64), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(delta.channel_weights[0], reference_attention(increase), atol=1e-4, rtol=1e-4)
+    assert delta.channel_weights[0].mean().item() == pytest.approx(1.0)  # weights average 1: alpha means the same
+
+
+def reference_attention(increase, temperature=5.0) -> torch.Tensor:
+    """The paper's recipe from its description: Δ standardized over the block's C channels (mean 0,
+    population std 1), softmax at temperature 5, times C (so the weights average 1)."""
+    d = np.asarray(increase, dtype=np.float64)
+    z = (d - d.mean()) / d.std()
+    e = np.exp(z / temperature)
+    return torch.tensor(len(d) * e / e.sum(), dtype=torch.float32)
+
+
+def test_delta_attention_from_given_increases_is_the_papers_recipe():
+    """Raw increases of ~1e-3 (as zeroing a channel gives): the softmax of them would be flat
+    (0.999..1.001); standardized at temperature 5 they spread, as the reference recipe's do."""
+    from transferlab.regularizers.delta import attention_weights
+
+    increase = torch.tensor(np.random.default_rng(0).gamma(1.0, 1e-3, 128))
+    weights = attention_weights(increase, 5.0)
+    torch.testing.assert_close(weights, reference_attention(increase.numpy()), atol=1e-6, rtol=1e-6)
+    flat = 128 * torch.softmax(increase, 0)
+    assert flat.max() - flat.min() < 0.01
+    assert weights.min() < 0.9 and weights.max() > 1.5
+    assert torch.equal(attention_weights(torch.full((6,), 0.002), 5.0), torch.ones(6))  # no spread: W = 1
+
+
+def test_delta_alpha_is_the_reference_trade_off_times_its_batch_size():
+    """The reference recipe's loss (TLlib's AttentionBehavioralRegularization, written here from
+    its formula: trade_off · ½ · Σ over the batch Σ_c C·a_c‖F_c − F⁰_c‖²/(h·w), a = softmax) equals
+    transferlab's DELTA with alpha = trade_off × batch size and the same attention."""
+    torch.manual_seed(0)
+    backbone, head = SmallCNN((1, 8, 8), channels=[4, 6]), torch.nn.Linear(6, 3)
+    start = SmallCNN((1, 8, 8), channels=[4, 6])
+    start.load_state_dict(backbone.state_dict())
+    trade_off, batch = 0.01, 12
+    delta = DELTA(alpha=trade_off * batch, beta=0.0, blocks=[0], attention=True)
+    softmax = torch.softmax(torch.tensor([0.3, -1.0, 2.0, 0.1]), 0)
+    delta.channel_weights = [4 * softmax]
+    delta.attach(MethodContext(backbone=backbone, head=head))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(batch, 1, 8, 8)
+    backbone.eval(), start.eval()
+    features = backbone(x)
+    got = delta.loss_term(Step(x, None, None, features, head(features), None))
+    now, then = block_output(backbone, x, 0), block_output(start, x, 0)
+    b, c, h, w = now.shape
+    distance = (now - then).reshape(b, c, h * w).norm(dim=2) ** 2
+    reference = trade_off * 0.5 * (c * softmax * distance / (h * w)).sum()
+    torch.testing.assert_close(got, reference, atol=1e-7, rtol=1e-5)
+    assert DELTA().alpha == pytest.approx(0.01 * 48)  # the default: the reference's 0.01 at batch 48
 
 
 def test_delta_block_out_of_range_names_the_key():
@@ -150,13 +203,16 @@ def test_delta_on_text_counts_tokens_not_padding_and_reads_stored_start_features
     assert stored.checked  # the second batch read the stored features
 
     @torch.no_grad()
-    def distance(i):  # Σ over blocks and the text's own tokens of ‖F(w, x) − F(w⁰, x)‖², by hand
+    def distance(i):  # Σ over blocks of the mean over the text's own tokens of ‖F(w, x) − F(w⁰, x)‖², by hand
         x = tokens[[i]]
+        length = int(x["attention_mask"].sum())
+        x = {k: v[:, :length] for k, v in x.items()}
         embeddings = backbone.blocks[0](input_ids=x["input_ids"]) - start.blocks[0](input_ids=x["input_ids"])
-        return embeddings.square().sum() + (backbone.token_features(x) - start.token_features(x)).square().sum()
+        layer = backbone.token_features(x) - start.token_features(x)
+        return (embeddings.square().sum() + layer.square().sum()) / length
 
-    torch.testing.assert_close(a, 0.5 * distance(0), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(b, 0.5 * (distance(0) + distance(1)) / 2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a, 0.5 / 2 * distance(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b, 0.5 / 2 * (distance(0) + distance(1)) / 2, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["true", "false"])
@@ -165,6 +221,11 @@ def test_delta_runs_end_to_end(make_cfg, tmp_path, attention):
                                 "source.epochs=1", "target.epochs=2"), tmp_path / "run")["metrics"]
     assert m["target/test_acc"] > 0.5
     assert ("cache/delta_statistics_hit" in m) == (attention == "true")
+    if attention == "true":  # the last block's weights spread as the reference recipe's do (not ≈ 1)
+        last = max(int(k.split("block")[1].split("_")[0]) for k in m if k.startswith("delta/attention_block"))
+        assert m[f"delta/attention_block{last}_min"] < 0.9 < 1.1 < m[f"delta/attention_block{last}_max"]
+    else:
+        assert not any(k.startswith("delta/") for k in m)
 
 
 # -- model soups -------------------------------------------------------------------------------------
@@ -219,7 +280,9 @@ def test_delta_last_block_attention_without_a_forward_per_channel_equals_zeroing
                         target_loader=lambda: make_loader((x, y), 16, shuffle=False))
     calls = []
     handle = backbone.register_forward_hook(lambda *_: calls.append(1))
-    stats = DELTA(blocks=None, attention=True, attention_examples=30).compute_statistics(ctx)
+    delta = DELTA(blocks=None, attention=True, attention_examples=30)
+    stats = delta.compute_statistics(ctx)
+    delta.use_statistics(stats, ctx)
     handle.remove()
     # 2 batches: features, probe loss, pooled, one check — not one forward per channel (5 more × 2)
     assert len(calls) <= 9
@@ -229,6 +292,7 @@ def test_delta_last_block_attention_without_a_forward_per_channel_equals_zeroing
         w, b = torch.tensor(probe.coef_, dtype=torch.float32), torch.tensor(probe.intercept_, dtype=torch.float32)
         loss = lambda feats: F.cross_entropy(feats @ w.T + b, y[:30]).item()  # noqa: E731
         last = len(backbone.blocks) - 1
-        increase = torch.tensor([max(loss(finish(backbone, block_output(backbone, x[:30], last, c), last)) - loss(f), 0.0)
-                                 for c in range(5)])
-    torch.testing.assert_close(stats[f"block{last}"], 5 * torch.softmax(increase, 0), atol=1e-4, rtol=1e-4)
+        increase = [loss(finish(backbone, block_output(backbone, x[:30], last, c), last)) - loss(f) for c in range(5)]
+    torch.testing.assert_close(stats[f"increase_block{last}"], torch.tensor(increase, dtype=torch.float64),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(delta.channel_weights[0], reference_attention(increase), atol=1e-4, rtol=1e-4)

@@ -237,6 +237,30 @@ def test_bss_value_and_gradient_equal_autograd_through_svdvals():
         torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n, d", [(128, 128), (128, 130), (130, 128), (48, 48)])
+def test_bss_holds_the_smallest_singular_values_of_near_square_ill_conditioned_batches(n, d):
+    """Near-square batches whose spectrum spans 1e-3..1e2 (condition 1e5; the Gram matrix's 1e10,
+    beyond float32): BSS's k smallest σ² equal float64 SVD's of the same float32 features. The
+    float32 Gram eigenvalues were off by up to 100% here, once exactly 0."""
+    from transferlab.regularizers.bss import BSS
+
+    rng = np.random.default_rng(n + d)
+    r = min(n, d)
+    u, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((d, r)))
+    features = torch.tensor((u * np.logspace(2, -3, r)) @ v.T, dtype=torch.float32, requires_grad=True)
+    sigma2 = np.linalg.svd(features.detach().numpy().astype(np.float64), compute_uv=False)[::-1] ** 2  # ascending
+    got = BSS(eta=1.0, k=3).loss_term(Step(None, None, None, features, None, None))
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(sigma2[:3].sum(), rel=1e-5)
+    assert sigma2[0] > 0
+    g_got, = torch.autograd.grad(got, features)
+    f64 = features.detach().double().requires_grad_()
+    want = (torch.linalg.svdvals(f64)[-3:] ** 2).sum()  # σ² of the k smallest, through an SVD in float64
+    g_want, = torch.autograd.grad(want, f64)
+    torch.testing.assert_close(g_got.double(), g_want, atol=1e-6, rtol=1e-4)
+
+
 def test_co_tuning_relationship_and_loss_match_a_hand_computation():
     from transferlab.regularizers.co_tuning import CoTuning
 

@@ -122,6 +122,11 @@ class Method(pl.Callback):
         """Take the statistics (fresh, or loaded from the cache on the CPU). Raise ValueError when
         they do not fit this model: the cache then recomputes them."""
 
+    def report(self) -> dict[str, float]:
+        """Numbers about the statistics for results.json, as `<name>/<key>` (DELTA's attention
+        spread): what a user checks to see the method did something."""
+        return {}
+
     # -- the target stage ---------------------------------------------------------------------
     def attach(self, ctx: MethodContext) -> None:
         """The target stage starts: take references and anchors."""

@@ -1,12 +1,22 @@
 """DELTA (Li et al., ICLR 2019): keep the *behaviour* of chosen backbone blocks, not their weights.
 
-    Ω = alpha · mean_n Σ_j Σ_c W_jc ‖F_jc(w, x_n) − F_jc(w⁰, x_n)‖²  +  beta/2 · ‖w_head‖²
+    Ω = alpha/2 · mean_n Σ_j Σ_c W_jc · mean_p (F_jcp(w, x_n) − F_jcp(w⁰, x_n))²  +  beta/2 · ‖w_head‖²
 
-F_jc is channel c of block j's output (images: a feature map, summed over positions; text: one
-hidden unit, summed over the text's tokens — padding excluded, since how much of it a text gets
-depends on the longest text that shares its batch), w⁰ the weights at the start of the target
-stage, in eval mode. The mean over the batch keeps alpha independent of the batch size (TLlib sums
-over the batch instead).
+F_jcp is channel c of block j's output at position p (images: a feature map's h·w positions;
+text: one hidden unit at each of the text's own tokens — padding excluded, since how much of it a
+text gets depends on the longest text that shares its batch), w⁰ the weights at the start of the
+target stage, in eval mode.
+
+The coefficient. The reference recipe (the authors' code as TLlib ships it:
+`AttentionBehavioralRegularization`, trade-off 0.01, batch 48) computes
+trade_off · ½ · Σ_n Σ_c c·a_c ‖F_c − F⁰_c‖² / (h·w) summed over the batch. Here the batch is
+averaged instead (alpha does not change with the batch size) and W = c·a, so
+
+    alpha = trade_off × batch size        (the reference default: 0.01 × 48 = 0.48, our default)
+
+Without attention, TLlib's `BehavioralRegularization` neither weights nor divides by h·w, so its
+trade-off maps to alpha = trade_off × batch size × h·w of the block's map; here both variants share
+one scale (W averages 1, positions are averaged), so switching attention off leaves alpha's meaning.
 
 F(w⁰, x_n) never changes during the stage (frozen copy, eval mode, no augmentation), so it is
 computed once per training example when the stage starts (one forward pass over the training
@@ -15,15 +25,19 @@ copy's forward on the batch, and the copy runs every step instead when that diff
 inputs, mixed precision) or the outputs would not fit in START_FEATURES_LIMIT_BYTES.
 
 - `attention: false` (TLlib's BehavioralRegularization): W_jc = 1.
-- `attention: true`: W_j = C_j · softmax_c(Δ_jc), Δ_jc the increase of the target loss when
-  channel c of block j is zeroed, measured once (cached) at the start weights with a linear
-  probe fitted on the start features of up to `attention_examples` target training examples.
-  The factor C_j makes the weights average 1, so alpha means the same in both variants (TLlib's
-  `c * attention`). It costs one forward of those examples per channel of the chosen blocks —
-  except for the last block (the default): pooling is per channel, so zeroing channel c there is
-  zeroing feature c of the features computed once (checked against one real forward).
+- `attention: true` (the paper's recipe): W_j = C_j · softmax_c(z_jc / temperature), z_j the
+  increases Δ_jc of the target loss when channel c of block j is zeroed, standardized over the
+  block's channels ((Δ − mean) / std; temperature 5). Raw increases are ~1e-3, so a softmax of
+  them would be flat (every W ≈ 1, attention off in effect). Δ is measured once (cached) at the
+  start weights with a linear probe fitted on the start features of up to `attention_examples`
+  target training examples. C_j makes the weights average 1 (TLlib's `c * attention`). It costs
+  one forward of those examples per channel of the chosen blocks — except for the last block (the
+  default): pooling is per channel, so zeroing channel c there is zeroing feature c of the
+  features computed once (checked against one real forward). Each block's weight spread is
+  recorded in results.json (`delta/attention_block<j>_min`, `_max`).
 
-The beta term pulls the new head toward 0 (as L2-SP's), added as an exact gradient.
+The beta term pulls the new head toward 0 (as L2-SP's; TLlib's trade-off-head, the same scale),
+added as an exact gradient.
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from transferlab.config import NonNegative, PositiveInt
+from transferlab.config import NonNegative, Positive, PositiveInt
 from transferlab.errors import ConfigError
 from transferlab.method import SOURCE_MODEL, TARGET_DATA, MethodContext, Step
 from transferlab.regularizers.base import Regularizer, sum_of_squares, with_grads
@@ -77,9 +91,22 @@ def padding_mask(x) -> Optional[torch.Tensor]:
 
 
 def distance_per_channel(now: torch.Tensor, start: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Σ over positions of (now − start)², per example and channel: (N, channels)."""
+    """The mean over positions of (now − start)², per example and channel: (N, channels). Text: over
+    the text's own tokens."""
     squared = (now - start).square()
-    return (squared if mask is None else squared * mask.to(squared.dtype)).sum(1)
+    if mask is None:
+        return squared.mean(1)
+    mask = mask.to(squared.dtype)
+    return (squared * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def attention_weights(increase: torch.Tensor, temperature: float) -> torch.Tensor:
+    """W = C · softmax(z / temperature), z the loss increases standardized over the C channels
+    (population std, as the reference recipe's numpy); equal increases give W = 1."""
+    increase = increase.double()
+    std = increase.std(correction=0)
+    z = (increase - increase.mean()) / std if std > 0 else torch.zeros_like(increase)
+    return (len(increase) * torch.softmax(z / temperature, 0)).float()
 
 
 def first(x, k: int):
@@ -103,9 +130,10 @@ class DELTA(Regularizer):
     reads_raw_inputs = True  # the start copy runs on the batch's inputs: no frozen-block cache
     uses_start_weights = True
 
-    def __init__(self, alpha: NonNegative = 0.01, beta: NonNegative = 0.01, blocks: Optional[list[int]] = None,
-                 attention: bool = True, attention_examples: PositiveInt = 256):
+    def __init__(self, alpha: NonNegative = 0.48, beta: NonNegative = 0.01, blocks: Optional[list[int]] = None,
+                 attention: bool = True, attention_examples: PositiveInt = 256, temperature: Positive = 5.0):
         self.alpha, self.beta, self.attention, self.attention_examples = alpha, beta, attention, attention_examples
+        self.temperature = temperature
         self.block_choice = blocks
         self.statistics_inputs = (SOURCE_MODEL, TARGET_DATA) if attention else ()
         self.channel_weights: list[torch.Tensor] | None = None
@@ -184,16 +212,22 @@ class DELTA(Regularizer):
                 # acts on the features directly; checked against a forward on channel 0.
                 fast = (j == len(backbone.blocks) - 1 and width == pooled[0].shape[1]
                         and abs(zeroed_loss(0) - forward_loss(j, 0)) <= 1e-5 * max(1.0, abs(base)))
-                increase = torch.tensor([max((zeroed_loss(c) if fast else forward_loss(j, c)) - base, 0.0)
-                                         for c in range(width)])
-                stats[f"block{j}"] = width * torch.softmax(increase, 0)
-        return stats
+                stats[f"increase_block{j}"] = torch.tensor(
+                    [(zeroed_loss(c) if fast else forward_loss(j, c)) - base for c in range(width)], dtype=torch.float64)
+        return stats  # the raw increases: the temperature applies in use_statistics, outside the cache key
 
     def use_statistics(self, stats: dict[str, torch.Tensor], ctx: MethodContext) -> None:
-        blocks = self.blocks(ctx.backbone)
-        if sorted(stats) != sorted(f"block{j}" for j in blocks):
-            raise ValueError("DELTA: channel attention for other blocks")
-        self.channel_weights = [stats[f"block{j}"] for j in blocks]
+        blocks = self.blocks_chosen = self.blocks(ctx.backbone)
+        if sorted(stats) != sorted(f"increase_block{j}" for j in blocks):
+            raise ValueError("DELTA: channel attention for other blocks (or from an older version)")
+        self.channel_weights = [attention_weights(stats[f"increase_block{j}"], self.temperature) for j in blocks]
+
+    def report(self) -> dict[str, float]:
+        """Each block's attention spread: min and max W (1 and 1: attention does nothing)."""
+        if self.channel_weights is None:
+            return {}
+        return {f"attention_block{j}_{end}": round(float(getattr(w, end)()), 4)
+                for j, w in zip(self.blocks_chosen, self.channel_weights) for end in ("min", "max")}
 
     # -- the target stage ----------------------------------------------------------------------
     def attach(self, ctx: MethodContext) -> None:
@@ -281,7 +315,7 @@ class DELTA(Regularizer):
             if self.channel_weights is not None:
                 per_channel = per_channel * self.channel_weights[i]
             total = total + per_channel.sum(1).mean()
-        return self.alpha * total
+        return self.alpha / 2 * total
 
     def add_penalty_grad_(self) -> None:
         grads, params = with_grads(self.head)
