@@ -77,6 +77,55 @@ def test_logme_of_features_that_explain_nothing_is_the_alpha_to_infinity_limit()
     assert tr.logme(np.zeros_like(f), y) == pytest.approx(np.mean(limit), abs=1e-12)  # dead features
 
 
+def separable_few_examples(n, d, classes, seed=0, noise=0.1):
+    """Nonnegative features (as pooled activations are) with one mean per class, N < D."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    f = np.abs(rng.standard_normal((classes, d))[y] + noise * rng.standard_normal((n, d)))
+    return f, y
+
+
+def noiseless_limit_direct(f, target) -> float:
+    """β → ∞: y ~ N(0, f fᵀ/α), f fᵀ invertible (N ≤ D); the best α = N / yᵀ(f fᵀ)⁻¹y. Written
+    on f fᵀ itself (no SVD, no profile)."""
+    gram = f @ f.T
+    alpha = len(f) / float(target @ np.linalg.solve(gram, target))
+    return float(multivariate_normal(mean=np.zeros(len(f)), cov=gram / alpha).logpdf(target))
+
+
+@pytest.mark.parametrize("n, d, classes", [(100, 384, 4), (64, 1280, 5)])
+def test_logme_with_fewer_examples_than_features_is_the_beta_to_infinity_limit(n, d, classes):
+    """MiniLM's width with 100 examples, EfficientNet's with 64: separable classes, whose
+    evidence is largest with no noise (β → ∞). The fixed-point updates divided by zero here."""
+    f, y = separable_few_examples(n, d, classes)
+    want = np.mean([noiseless_limit_direct(f, (y == c).astype(float)) / n for c in range(classes)])
+    assert tr.logme(f, y) == pytest.approx(want, abs=1e-8)
+    for c in range(classes):  # a supremum: the evidence at any finite β stays below it and tends to it
+        target = (y == c).astype(float)
+        limit = noiseless_limit_direct(f, target)
+        alpha = n / float(target @ np.linalg.solve(f @ f.T, target))
+        near = [log_evidence_direct(f, target, math.log(alpha), math.log(beta)) for beta in (1e3, 1e6, 1e9)]
+        assert near[0] < near[1] < near[2] <= limit + 1e-6
+        assert limit - near[2] < 1e-3
+
+
+def test_logme_where_the_labels_are_a_linear_function_of_fewer_directions_says_it_has_no_maximum():
+    """N > rank and y inside f's span (a feature that is the class indicator): the evidence grows
+    without bound as β → ∞; LogME says so instead of returning a number."""
+    y = np.arange(30) % 3
+    f = np.eye(3)[y]
+    with pytest.raises(TransferlabError, match="no maximum"):
+        tr.logme(f, y)
+
+
+def test_a_score_that_cannot_be_computed_is_null_and_the_others_stand(caplog):
+    y = np.arange(30) % 3
+    scores = tr.transferability_scores(np.eye(3)[y], y)
+    assert scores["transferability/logme"] is None
+    assert scores["transferability/hscore"] == pytest.approx(2.0, abs=1e-4)  # C − 1: perfectly separated
+    assert "logme not computed" in caplog.text and "no maximum" in caplog.text
+
+
 def test_logme_accepts_any_class_ids():
     f, y, _ = random_task()
     assert tr.logme(f, y + 5) == pytest.approx(tr.logme(f, y))

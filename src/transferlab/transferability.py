@@ -26,16 +26,18 @@ settings (the report's Kendall τ), never across scores.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+from scipy import optimize
 
 from transferlab.errors import TransferlabError
 
+log = logging.getLogger(__name__)
+
 HSCORE_RIDGE = 1e-6  # × mean eigenvalue of cov(f); see the module docstring
-LOGME_TOL = 1e-10  # relative change of α and β at which the fixed point has converged
-LOGME_MAX_STEPS = 1000  # typically converges in tens of steps
-ALPHA_INFINITE = 1e13  # α/β ≥ this × σ_max: the prior pins w to 0, as α = ∞ would
+LOGME_GRID = 400  # points over log(α/β) (a few tenths apart), before the refinement
 
 
 def as_array(x, dtype=np.float64) -> np.ndarray:
@@ -61,41 +63,55 @@ def logme(features, labels) -> float:
         target = (y == c).astype(np.float64)
         x2 = (u.T @ target) ** 2  # target's energy along each singular direction
         outside = max(float(target @ target - x2.sum()), 0.0)  # what no w can fit
-        evidences.append(_max_log_evidence(sigma, x2, outside, n) / n)
+        evidences.append(_max_log_evidence(sigma, x2, outside, n, c) / n)
     return float(np.mean(evidences))
 
 
-def _max_log_evidence(sigma: np.ndarray, x2: np.ndarray, outside: float, n: int) -> float:
-    """MacKay's updates α = γ/‖m‖², β = (N − γ)/‖f m − y‖², then the log evidence at the result.
+def _max_log_evidence(sigma: np.ndarray, x2: np.ndarray, outside: float, n: int, label=None) -> float:
+    """max over α, β ∈ (0, ∞] of log p(y | f, α, β), with β profiled out in closed form.
 
-    With f = U S Vᵀ, x = Uᵀy and t = α/β, the posterior mean m has ‖m‖² = Σ σᵢxᵢ²/(t+σᵢ)², the
-    residual is Σ t²xᵢ²/(t+σᵢ)² + ‖y‖² − ‖x‖², and γ = Σ σᵢ/(t+σᵢ) (the effective number of
-    parameters). Written in t these stay finite when α → ∞, which is where the maximum lies for
-    features that explain nothing (w = 0): α is held at ALPHA_INFINITE·βσ_max there (the evidence
-    is then its limit to ~1e-13) while β still converges to its optimum.
+    With f = U S Vᵀ, x = Uᵀy and t = α/β, the posterior mean m has ‖m‖² = Σ σᵢxᵢ²/(t+σᵢ)² and
+    the residual ‖f m − y‖² = Σ t²xᵢ²/(t+σᵢ)² + ‖y‖² − ‖x‖²; d/2·log α − ½·log|αI + βfᵀf| =
+    −½ Σ log(1 + σᵢ/t) (the d − len(σ) zero eigenvalues cancel). At fixed t the evidence is
+    N/2·log β − β/2·(residual + t‖m‖²) + (terms without β), largest at β = N/(residual + t‖m‖²):
+    what is left is a function of t alone, maximized over log t on a grid spanning 1e-13·σ_min to
+    1e13·σ_max, then refined (MacKay's fixed-point updates reach the same stationary points, but
+    crawl — or divide by zero, γ rounding to N — where the maximum is a limit). The limits:
+    - t → ∞ (α → ∞: features that explain nothing, w = 0): β = N/‖y‖².
+    - t → 0 (β → ∞: no noise) with rank N — N ≤ D features fit every y exactly, as separable
+      classes with fewer examples than dimensions do: y ~ N(0, f fᵀ/α), whose log density
+      −N/2·log 2π − ½ Σ log(σᵢ/α) − α/2·Σ xᵢ²/σᵢ is largest at α = N / Σ xᵢ²/σᵢ.
+    - t → 0 with rank < N and y inside f's span: the evidence grows without bound (a
+      TransferlabError; the run records no score).
     """
-    alpha, beta = 1.0, 1.0
-    tiny = np.finfo(np.float64).tiny
-    sigma_max = float(sigma.max(initial=0.0))
-    for _ in range(LOGME_MAX_STEPS):
-        t = alpha / beta
-        gamma = float(np.sum(sigma / (t + sigma)))
-        m2 = float(np.sum(sigma * x2 / (t + sigma) ** 2))
-        residual = float(np.sum((t / (t + sigma)) ** 2 * x2)) + outside
-        new_beta = (n - gamma) / max(residual, tiny)
-        new_alpha = min(gamma / max(m2, tiny), ALPHA_INFINITE * new_beta * sigma_max)
-        alpha_done = (abs(new_alpha - alpha) <= LOGME_TOL * alpha
-                      or new_alpha >= ALPHA_INFINITE * new_beta * sigma_max)
-        beta_done = abs(new_beta - beta) <= LOGME_TOL * beta
-        alpha, beta = new_alpha, new_beta
-        if alpha_done and beta_done:
-            break
-    t = alpha / beta
-    m2 = float(np.sum(sigma * x2 / (t + sigma) ** 2))
-    residual = float(np.sum((t / (t + sigma)) ** 2 * x2)) + outside
-    # d/2·log α − ½·log|αI + βfᵀf| = −½ Σ log(1 + σᵢ/t): the d − len(σ) zero eigenvalues cancel
-    return (n / 2 * math.log(beta) - n / 2 * math.log(2 * math.pi) - beta / 2 * residual
-            - alpha / 2 * m2 - float(np.sum(np.log1p(sigma / t))) / 2)
+    rank = len(sigma)
+    total = float(np.sum(x2)) + outside  # ‖y‖²
+    if rank < n and outside <= 1e-10 * total:
+        raise TransferlabError(f"LogME: class {label}'s labels are an exact linear function of {rank} feature "
+                               f"directions of {n} examples: the evidence has no maximum (it grows without bound)")
+
+    def profile(log_t: np.ndarray) -> np.ndarray:
+        t = np.exp(log_t)[:, None]
+        m2 = np.sum(sigma * x2 / (t + sigma) ** 2, axis=1)
+        residual = np.sum((t / (t + sigma)) ** 2 * x2, axis=1) + outside
+        beta = n / (residual + t[:, 0] * m2)
+        return n / 2 * np.log(beta) - n / 2 * (1 + math.log(2 * math.pi)) - np.sum(np.log1p(sigma / t), axis=1) / 2
+
+    candidates = [n / 2 * math.log(n / total) - n / 2 * (1 + math.log(2 * math.pi))]  # t → ∞
+    if rank == 0:
+        return candidates[0]
+    if rank == n:  # t → 0
+        m0 = float(np.sum(x2 / sigma))
+        candidates.append(-n / 2 * (1 + math.log(2 * math.pi)) - float(np.sum(np.log(sigma))) / 2
+                          + n / 2 * math.log(n / m0))
+    grid = np.linspace(math.log(sigma.min()) - 30, math.log(sigma.max()) + 30, LOGME_GRID)
+    values = profile(grid)
+    best = int(np.argmax(values))
+    step = grid[1] - grid[0]
+    refined = optimize.minimize_scalar(lambda v: -profile(np.array([v]))[0], method="bounded",
+                                       bounds=(grid[best] - step, grid[best] + step), options={"xatol": 1e-10})
+    candidates += [float(values[best]), -float(refined.fun)]
+    return max(candidates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +164,9 @@ def hscore(features, labels) -> float:
 # What the experiment calls
 
 
-def transferability_scores(features, labels, source_probs=None) -> dict[str, float]:
-    """{"transferability/logme", "transferability/hscore"} (+ "…/leep", "…/nce" with source_probs).
+def transferability_scores(features, labels, source_probs=None) -> dict[str, float | None]:
+    """{"transferability/logme", "transferability/hscore"} (+ "…/leep", "…/nce" with source_probs);
+    a score that cannot be computed is None (and a warning says why).
 
     features (N, D): backbone features of the target training set before fine-tuning; labels (N,)
     its target labels (any integers; for token classification pass one row per token — rows
@@ -166,7 +183,7 @@ def transferability_scores(features, labels, source_probs=None) -> dict[str, flo
     if len(np.unique(y)) < 2 or not np.all(np.isfinite(f)):
         raise TransferlabError(f"transferability: need finite features and ≥ 2 classes, got "
                                f"{len(np.unique(y))} class(es) in {len(y)} labelled rows")
-    scores = {"transferability/logme": logme(f, y), "transferability/hscore": hscore(f, y)}
+    scores = {"transferability/logme": measured(logme, f, y), "transferability/hscore": measured(hscore, f, y)}
     if source_probs is not None:
         theta = as_array(source_probs)
         if theta.ndim != 2 or len(theta) != len(keep):
@@ -176,8 +193,22 @@ def transferability_scores(features, labels, source_probs=None) -> dict[str, flo
         if np.any(theta < 0) or not np.allclose(theta.sum(axis=1), 1.0, atol=1e-3):
             raise TransferlabError("transferability: source_probs rows must be probabilities summing "
                                    "to 1: pass softmax(source head logits), not the logits")
-        scores |= {"transferability/leep": leep(theta, y), "transferability/nce": nce(theta, y)}
+        scores |= {"transferability/leep": measured(leep, theta, y), "transferability/nce": measured(nce, theta, y)}
     return scores
+
+
+def measured(score, *inputs) -> float | None:
+    """A score, or None with one warning where it cannot be computed: a measurement never takes
+    the run it measures down with it."""
+    try:
+        value = score(*inputs)
+    except (TransferlabError, ArithmeticError, ValueError, np.linalg.LinAlgError) as error:
+        log.warning("transferability: %s not computed (%s); recorded as null", score.__name__, error)
+        return None
+    if not math.isfinite(value):
+        log.warning("transferability: %s is %s; recorded as null", score.__name__, value)
+        return None
+    return value
 
 
 def _class_index(labels) -> np.ndarray:
