@@ -45,7 +45,12 @@ def compose_config(overrides: list[str] | None = None):
 @pytest.fixture
 def make_cfg(tmp_path):
     """Compose a fast config whose outputs (and stage cache) live under this test's tmp_path."""
-    return lambda *overrides: compose_config(FAST + [f"paths.output_root={tmp_path / 'outputs'}"] + list(overrides))
+    def make(*overrides):
+        fast = FAST
+        if any(o.startswith("backbone=") for o in overrides):  # FAST's CNN width is the CNN's own key
+            fast = [o for o in FAST if not o.startswith("backbone.")]
+        return compose_config(fast + [f"paths.output_root={tmp_path / 'outputs'}"] + list(overrides))
+    return make
 
 
 def assert_penalty_matches_autograd(reg, backbone, head, batch, y, penalty) -> None:
