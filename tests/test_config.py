@@ -28,7 +28,8 @@ def all_options():
 def test_every_option_composes_and_validates(group, option):
     # Options that only run with a matching other choice (WNUT-16 has no source task).
     extra = {("source", "checkpoint"): ["source.path=x.pt"],
-             ("data", "wnut16_ner"): ["source=pretrained"]}.get((group, option), [])
+             ("data", "wnut16_ner"): ["source=pretrained"],
+             ("data", "hf"): ["source=pretrained"]}.get((group, option), [])  # your data: one task, every class
     cfg = compose_config([f"{group}={option}", *extra])
     validate(cfg)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # trainer=gpu / ddp here

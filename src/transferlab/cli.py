@@ -70,7 +70,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         if not isinstance(e, TransferlabError):
             raise
         # Printed once: results.json records it too (logging it as well printed it twice).
-        print(f"transferlab: error: {e}", file=sys.stderr)
+        print(f"transferlab: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     if in_sweep:
         status = "skipped (already completed)" if results.get("skipped") else results["status"]
@@ -144,6 +144,7 @@ usage:
   transferlab report <sweep dir>                      the report of a (partial) sweep
   transferlab status <sweep dir> [--watch]            a running sweep: counts, errors, running jobs, ETA
   transferlab soup <sweep dir>                        uniform and greedy model soups of a sweep's runs
+  transferlab merge <sweep dir> [method=…] [k=…]      merge fine-tunes of several tasks (TIES, DARE, Fisher, ...)
   transferlab --cfg job [overrides]                   the composed config, without running
   transferlab --hydra-help                            Hydra's own options
 """
@@ -250,6 +251,10 @@ def main() -> None:
             from transferlab.soup import main as soup_main
 
             sys.exit(soup_main(sys.argv[2:]))
+        if len(sys.argv) > 1 and sys.argv[1] == "merge":
+            from transferlab.merge import main as merge_main
+
+            sys.exit(merge_main(sys.argv[2:]))
         if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h"):
             print(help_text())
             return

@@ -53,8 +53,9 @@ Signed = Annotated[float, Bounds()]  # a float that may be negative (regularizer
 @dataclass
 class DataConfig:
     dataset: Any = MISSING  # {_target_: a loader returning a LabelledPool, ...its arguments}
-    source_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    target_classes: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    # class ids of the pool (data=hf: a ClassLabel's order, else the sorted distinct labels); null: all
+    source_classes: Optional[List[int]] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    target_classes: Optional[List[int]] = field(default_factory=lambda: [5, 6, 7, 8, 9])
     val_fraction: float = 0.15  # of each task's training pool, held out for selection
     test_fraction: float = 0.2  # used only by datasets without an official test split
     source_train_size: Optional[int] = None  # cap on source training examples (None: all)
@@ -66,6 +67,11 @@ class DataConfig:
     source_domains: List[str] = field(default_factory=list)
     target_domains: List[str] = field(default_factory=list)
     max_length: int = 128  # text only: tokens kept per example
+    # Loading (data=hf images are decoded per batch): DataLoader worker processes for training,
+    # validation and test batches (0: in the training process), and a train-time augmentation
+    # (random resized crop + horizontal flip; images only).
+    num_workers: int = 0
+    augment: bool = False
     # Another pool for the source task ({_target_: a loader, ...}, like `dataset`): source_classes,
     # source_domains and source_train_size then apply to it, and the target comes from `dataset`
     # (sentiment → NER). None: both tasks are cut from `dataset`.
@@ -362,10 +368,12 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.progress_bar={cfg.trainer.progress_bar}: choose auto (a bar on a terminal, "
                           "else a line per epoch), true (the bar) or false (neither)")
 
-    src, tgt = list(cfg.data.source_classes), list(cfg.data.target_classes)
-    if not tgt:
-        raise ConfigError("data.target_classes is empty: list at least two target classes")
-    if len(set(tgt)) < 2:
+    every = [None]  # null: every class of the pool (checked when the pool is cut)
+    src = every if cfg.data.source_classes is None else list(cfg.data.source_classes)
+    tgt = every if cfg.data.target_classes is None else list(cfg.data.target_classes)
+    if tgt is not every and not tgt:
+        raise ConfigError("data.target_classes is empty: list at least two target classes (or null: every class)")
+    if tgt is not every and len(set(tgt)) < 2:
         raise ConfigError(f"data.target_classes={tgt}: needs at least two distinct classes")
     uses_source = str(getattr(cfg.source.mode, "value", cfg.source.mode)) in ("train", "checkpoint")
     src_domains, tgt_domains = list(cfg.data.source_domains), list(cfg.data.target_domains)
@@ -382,17 +390,17 @@ def validate(cfg) -> None:
         if uses_source and overlap:
             raise ConfigError(f"data.source_domains and data.target_domains overlap on {overlap}: "
                               "a domain split must be disjoint")
-    if uses_source and len(set(src)) < 2:
+    if uses_source and src is not every and len(set(src)) < 2:
         raise ConfigError(
             f"data.source_classes={src}: needs at least two distinct classes "
             "(or use source=scratch for the no-transfer baseline, source=pretrained for a pretrained backbone)"
         )
-    overlap = sorted(set(src) & set(tgt))
+    overlap = "every class" if every in (src, tgt) else sorted(set(src) & set(tgt))
     if uses_source and overlap and not domain_split and not separate_source:
-        raise ConfigError(
-            f"data.source_classes and data.target_classes overlap on {overlap}: "
-            "a class split must be disjoint"
-        )
+        hint = (" (null means every class): list disjoint classes, or use source=pretrained / source=scratch"
+                if overlap == "every class" else "")
+        raise ConfigError(f"data.source_classes and data.target_classes overlap on {overlap}: "
+                          f"a class split must be disjoint{hint}")
     for key in ("val_fraction", "test_fraction"):
         value = cfg.data[key]
         if not 0 < value < 1:
@@ -401,6 +409,8 @@ def validate(cfg) -> None:
         value = cfg.data[key]
         if value is not None and value < 1:
             raise ConfigError(f"data.{key}={value}: must be >= 1 (or null for all)")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers}: must be >= 0 (0: load in the training process)")
     if cfg.data.max_length < 2:
         raise ConfigError(f"data.max_length={cfg.data.max_length}: must be >= 2 (room for the special tokens)")
     for alpha in cfg.evaluate.wise_ft_alphas:

@@ -27,7 +27,7 @@ from transferlab.config import validate
 from transferlab.data import TransferData, make_transfer_data
 from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.data.text import tokenize_transfer_data
-from transferlab.errors import ConfigError, Preempted, TransferlabError
+from transferlab.errors import ConfigError, Preempted, TransferlabError, user_message
 from transferlab.method import MethodContext
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
 from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method_statistics, obtain_source, obtain_target
@@ -36,6 +36,7 @@ from transferlab.stages.source import load_source_checkpoint
 from transferlab.stages.trainer import stage_device
 from transferlab.tasks import evaluating, task_of, to_device
 from transferlab.transferability import transferability_scores
+from transferlab.weights import interpolate  # WiSE-FT's θ(α): the one weight-arithmetic room
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def comparable(config: dict) -> dict:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = user_message(e)
     return text if isinstance(e, TransferlabError) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
@@ -254,6 +255,8 @@ def build_setup(cfg) -> Setup:
     source_pool = build(cfg.data.source_dataset) if has_source and cfg.data.source_dataset is not None else None
     data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source, source_pool=source_pool)
     check_data_fits_backbone(cfg, data)
+    if cfg.data.augment and data.is_text:
+        raise ConfigError("data.augment: the augmentation crops and flips images; this data is text: set it to false")
     backbone = build(cfg.backbone, input_shape=data.input_shape)
     freeze, regularizer = build(cfg.freeze), build(cfg.regularizer)
     extras = []
@@ -315,6 +318,7 @@ def statistics_stage(cfg, setup: Setup, context: MethodContext, cache: StageCach
         hit = method_statistics(cfg, setup.data, method, context, cache, setup.freeze.adapter_settings())
         metrics[f"time/{method.name}_statistics_s"] = round(time.time() - started, 3)
         metrics[f"cache/{method.name}_statistics_hit"] = hit
+        metrics.update({f"{method.name}/{key}": value for key, value in method.report().items()})
 
 
 TRANSFERABILITY_EXAMPLES = 2000  # LogME's SVD of 2,000 × 384 features: ~1 s on 2 cores
@@ -364,7 +368,7 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
     """Selection happened on validation; the test split is evaluated here, once. Forgetting: the
     kept source head (trained on, under LwF) on the source test split, after the target stage."""
     data, device = setup.data, stage_device(cfg.trainer)
-    target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
+    target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False, num_workers=cfg.data.num_workers)
     scores = context.task.evaluate(target_model.to(device), target_test)
     metrics.update({f"target/test_{k}": v for k, v in scores.items()})
     if data.target.ood_test is not None:  # generalization: held-out domains or a shifted test split
@@ -419,11 +423,6 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
     metrics.update({f"wise_ft/{k}": v for k, v in chosen[2].items() if "test_" in k or k == "transfer/forgetting"})
 
 
-def interpolate(start: dict, tuned: dict, alpha: float) -> dict:
-    """(1-α)·start + α·tuned, written so that α = 1 gives `tuned` and α = 0 `start` exactly."""
-    return {k: ((1 - alpha) * start[k] + alpha * v) if v.is_floating_point() else v for k, v in tuned.items()}
-
-
 def source_test_loader(data: TransferData):
     return make_loader(data.source.test, EVAL_BATCH, shuffle=False)
 
@@ -439,7 +438,7 @@ def check_data_fits_backbone(cfg, data) -> None:
     if data.is_text != reads_text:
         raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
                           f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
-                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use backbone=cnn or mlp'}")
+                          f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use an image backbone: cnn, mlp, efficientnet_lite0 or hf_vision'}")
     if data.target.token_level and not hasattr(backbone_class, "token_features"):
         raise ConfigError(f"data: {data.dataset} is token classification but backbone {cfg.backbone._target_} "
                           "has no per-token features (token_features): use backbone=minilm or backbone=hf")

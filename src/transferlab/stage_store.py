@@ -54,7 +54,7 @@ def source_settings(cfg, data: TransferData) -> dict:
         # the pool the source task is cut from (data.source_dataset when set): keys of runs
         # without one are unchanged
         "dataset": OmegaConf.to_container(d.dataset if d.source_dataset is None else d.source_dataset, resolve=True),
-        "source_classes": list(d.source_classes),
+        "source_classes": list(d.source_classes) if d.source_classes is not None else list(data.source.classes),
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
         "source_train_size": d.source_train_size,
@@ -69,6 +69,10 @@ def source_settings(cfg, data: TransferData) -> dict:
     settings["source"].update(recipe_settings(cfg.source))
     if data.is_text or d.source_domains:  # only then: earlier cache keys stay valid
         settings.update(source_domains=list(d.source_domains), max_length=d.max_length)
+    if getattr(data, "source_fingerprint", None) is not None:  # data=hf: its content, so an edited file is a miss
+        settings["content"] = data.source_fingerprint
+    if d.augment:
+        settings["augment"] = True
     return settings
 
 
@@ -76,11 +80,13 @@ def target_data_settings(cfg, data: TransferData) -> dict:
     """What determines the target split's examples and their order (and, with the backbone in
     the source settings, their tokens)."""
     d = cfg.data
-    return {"dataset": OmegaConf.to_container(d.dataset, resolve=True), "target_classes": list(d.target_classes),
+    classes = list(d.target_classes) if d.target_classes is not None else list(data.target.classes)
+    return {"dataset": OmegaConf.to_container(d.dataset, resolve=True), "target_classes": classes,
             "target_domains": list(d.target_domains), "val_fraction": d.val_fraction,
             "test_fraction": d.test_fraction, "target_train_size": d.target_train_size,
             "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
-            "max_length": d.max_length if data.is_text else None}
+            "max_length": d.max_length if data.is_text else None,
+            **({"content": data.fingerprint} if data.fingerprint is not None else {})}
 
 
 # -- the source stage -----------------------------------------------------------------------------

@@ -1,16 +1,19 @@
-"""What every dataset loader returns: arrays in their official train/test pools."""
+"""What every dataset loader returns: inputs and labels in the dataset's own train (and, when it
+has them, validation / test) splits. Inputs are numpy arrays (the bundled datasets) or, for
+images read through Hugging Face `datasets` (data/hf.py), an `ImageColumn` that decodes per batch;
+the split logic only ever takes rows of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 
 @dataclass
 class LabelledPool:
-    x_train: np.ndarray  # float32 (N, *input_shape), or an object array of N texts (strings or word tuples)
+    x_train: Any  # float32 (N, *input_shape), an object array of N texts (strings or word tuples), or an ImageColumn
     y_train: np.ndarray  # int64 original class ids (token_labels: an object array of tag-id arrays)
     x_test: Optional[np.ndarray]  # None: the dataset has no official test split
     y_test: Optional[np.ndarray]
@@ -24,6 +27,14 @@ class LabelledPool:
     # Token classification (NER): x holds word tuples, y an int64 tag array per example
     # (class_names are the tag names); tasks are cut by example, never by class.
     token_labels: bool = False
+    # The dataset's own validation split (used as given, never cut from training data); None: cut
+    # from the training split (data.val_fraction).
+    x_val: Any = None
+    y_val: Optional[np.ndarray] = None
+    domain_val: Optional[np.ndarray] = None
+    # What the data is, for cache keys (a hash of the dataset's fingerprint and its files' paths,
+    # sizes and modification times); None: the loader's config names it (bundled datasets).
+    fingerprint: Optional[str] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

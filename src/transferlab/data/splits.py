@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from transferlab.data.hf import ImageColumn, concatenate, take
 from transferlab.data.pool import LabelledPool
 from transferlab.errors import ConfigError
 
@@ -54,15 +55,18 @@ class TransferData:
     dataset: str
     is_text: bool = False
     source_dataset: Optional[str] = None  # the pool the source task was cut from (None: no source task)
+    # the pools' content fingerprints (data=hf: an edited file is a new key); None: named by config
+    fingerprint: Optional[str] = None
+    source_fingerprint: Optional[str] = None
 
 
-def _select(x: np.ndarray, y: np.ndarray, classes: Sequence[int], domain: Optional[np.ndarray] = None,
-            domain_ids: Sequence[int] = ()):
+def _select(y: np.ndarray, classes: Sequence[int], domain: Optional[np.ndarray] = None, domain_ids: Sequence[int] = ()):
+    """(positions, labels 0..k-1) of the examples of `classes` (and of `domain_ids`, if any)."""
     keep = np.isin(y, classes)
     if domain_ids:
         keep &= np.isin(domain, domain_ids)
     remap = {c: i for i, c in enumerate(classes)}
-    return x[keep], np.array([remap[c] for c in y[keep]], dtype=np.int64)
+    return np.flatnonzero(keep), np.array([remap[c] for c in y[keep]], dtype=np.int64)
 
 
 def _split(x, y, fraction_or_size, seed: int):
@@ -85,25 +89,48 @@ def _domain_ids(pool: LabelledPool, name: str, domains: list[str]) -> list[int]:
     return [pool.domain_names.index(d) for d in domains]
 
 
-def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed: int) -> TaskSplits:
-    domains = list(data_cfg[f"{name}_domains"])
-    domain_ids = _domain_ids(pool, name, domains)
-    present = set(np.unique(pool.y_train).tolist())
+def _classes(pool: LabelledPool, name: str, data_cfg) -> list[int]:
+    """data.<name>_classes, null meaning every class of the pool."""
+    listed = data_cfg[f"{name}_classes"]
+    classes = list(range(len(pool.class_names))) if listed is None else list(listed)
+    if len(set(classes)) < 2:
+        raise ConfigError(f"data.{name}_classes: {pool.name} has {len(set(classes))} class(es) "
+                          f"({', '.join(pool.class_names)}); a task needs at least two")
+    return classes
+
+
+def _check_present(pool: LabelledPool, name: str, classes: list[int], y, split: str, domain_ids) -> None:
+    present = set(np.unique(y).tolist())
     absent = [c for c in classes if c not in present]
     if absent:
-        raise ConfigError(
-            f"data.{name}_classes: class {absent[0]} has no examples in {pool.name} "
-            f"(classes are {min(present)}..{max(present)})"
-        )
+        named = f" ('{pool.class_names[absent[0]]}')" if 0 <= absent[0] < len(pool.class_names) else ""
+        where = pool.name if split == "train" else f"the {split} split of {pool.name}"
+        known = f"classes are {min(present)}..{max(present)}" if present else "no examples at all"
+        raise ConfigError(f"data.{name}_classes: class {absent[0]}{named} has no examples in {where}"
+                          f"{' in those domains' if domain_ids else ''} ({known})")
+
+
+def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed: int) -> TaskSplits:
+    """Cut on positions, then take the rows: the same draws as cutting the inputs themselves, and
+    images that live on disk are never read here."""
+    domains = list(data_cfg[f"{name}_domains"])
+    domain_ids = _domain_ids(pool, name, domains)
+    _check_present(pool, name, classes, pool.y_train, "train", ())
     rng = np.random.default_rng(seed)
     draw = lambda: int(rng.integers(2**31 - 1))  # noqa: E731  one independent stream per cut
 
-    x, y = _select(pool.x_train, pool.y_train, classes, pool.domain_train, domain_ids)
+    x, y = _select(pool.y_train, classes, pool.domain_train, domain_ids)
     if pool.x_test is not None:
-        x_test, y_test = _select(pool.x_test, pool.y_test, classes, pool.domain_test, domain_ids)
+        x_test, y_test = _select(pool.y_test, classes, pool.domain_test, domain_ids)
+        _check_present(pool, name, classes, pool.y_test[x_test] if len(x_test) else [], "test", domain_ids)
     else:
         x, x_test, y, y_test = _split(x, y, data_cfg.test_fraction, draw())
-    x_train, x_val, y_train, y_val = _split(x, y, data_cfg.val_fraction, draw())
+    if pool.x_val is not None:  # the dataset's own validation split, as given
+        x_train, y_train = x, y
+        x_val, y_val = _select(pool.y_val, classes, pool.domain_val, domain_ids)
+        _check_present(pool, name, classes, pool.y_val[x_val] if len(x_val) else [], "validation", domain_ids)
+    else:
+        x_train, x_val, y_train, y_val = _split(x, y, data_cfg.val_fraction, draw())
     cap = data_cfg.get("test_size")
     if cap is not None and cap < len(y_test):
         # its own stream: the other cuts draw what they drew before the cap existed
@@ -120,14 +147,22 @@ def _make_task(pool: LabelledPool, name: str, classes: list[int], data_cfg, seed
         if budget < len(y_train):
             x_train, _, y_train, _ = _split(x_train, y_train, len(y_train) - budget, draw())
 
-    def as_tensors(x, y):  # text stays an array of strings until it meets the tokenizer
-        return (x if pool.is_text else torch.from_numpy(np.ascontiguousarray(x))), torch.from_numpy(y)
-
+    test_inputs = pool.x_train if pool.x_test is None else pool.x_test
+    val_inputs = pool.x_train if pool.x_val is None else pool.x_val
     ood = None
     if name == "target" and (data_cfg.ood_domains or data_cfg.ood_shift is not None):
-        ood = as_tensors(*_ood_test(pool, classes, data_cfg, x_test, y_test, draw()))
-    return TaskSplits(name, list(classes), as_tensors(x_train, y_train), as_tensors(x_val, y_val),
-                      as_tensors(x_test, y_test), domains, ood_test=ood)
+        ood = as_tensors(*_ood_test(pool, classes, data_cfg, take(test_inputs, x_test), y_test, draw()))
+    return TaskSplits(name, list(classes), as_tensors(take(pool.x_train, x_train), y_train),
+                      as_tensors(take(val_inputs, x_val), y_val), as_tensors(take(test_inputs, x_test), y_test),
+                      domains, ood_test=ood)
+
+
+def as_tensors(x, y):
+    """Images as a tensor (or left on disk, an ImageColumn); text stays an array of strings
+    until it meets the tokenizer."""
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    return x, torch.from_numpy(y)
 
 
 def _ood_test(pool: LabelledPool, classes: list[int], data_cfg, x_test, y_test, seed: int):
@@ -140,6 +175,8 @@ def _ood_test(pool: LabelledPool, classes: list[int], data_cfg, x_test, y_test, 
         if pool.is_text:
             raise ConfigError("data.ood_shift: shifts transform image tensors; for text name held-out "
                               "domains in data.ood_domains instead")
+        if isinstance(x_test, ImageColumn):  # the test images, decoded once (a test split, not the pool)
+            x_test = x_test[np.arange(len(x_test))].numpy()
         return instantiate(data_cfg.ood_shift, _partial_=True)(np.ascontiguousarray(x_test), seed=seed), y_test
     ood_ids = _domain_ids(pool, "ood", list(data_cfg.ood_domains))
     used = set(data_cfg.target_domains) | set(data_cfg.source_domains)
@@ -147,31 +184,34 @@ def _ood_test(pool: LabelledPool, classes: list[int], data_cfg, x_test, y_test, 
     if overlap:
         raise ConfigError(f"data.ood_domains={list(data_cfg.ood_domains)}: {overlap} also train the source or the "
                           "target; an out-of-distribution test needs held-out domains")
-    x_parts = [_select(pool.x_train, pool.y_train, classes, pool.domain_train, ood_ids)]
-    if pool.x_test is not None:
-        x_parts.append(_select(pool.x_test, pool.y_test, classes, pool.domain_test, ood_ids))
-    x = np.concatenate([part[0] for part in x_parts])
-    y = np.concatenate([part[1] for part in x_parts])
+    parts = [(pool.x_train, *_select(pool.y_train, classes, pool.domain_train, ood_ids))]
+    for inputs, labels, domain in ((pool.x_val, pool.y_val, pool.domain_val), (pool.x_test, pool.y_test, pool.domain_test)):
+        if inputs is not None:
+            parts.append((inputs, *_select(labels, classes, domain, ood_ids)))
+    x = concatenate([take(inputs, positions) for inputs, positions, _ in parts])
+    y = np.concatenate([labels for _, _, labels in parts])
     if len(y) == 0:
         raise ConfigError(f"data.ood_domains={list(data_cfg.ood_domains)}: no examples of the target classes there")
     size = data_cfg.ood_test_size
     if size is not None and size < len(y):
         keep = np.sort(np.random.default_rng(seed).choice(len(y), size, replace=False))
-        x, y = x[keep], y[keep]
+        x, y = take(x, keep), y[keep]
     return x, y
 
 
 def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> TaskSplits:
     """Token classification: every tag is in play, so only examples are split (seeded, not
     stratified: an example holds many tags)."""
-    classes = list(data_cfg[f"{name}_classes"])
+    listed = data_cfg[f"{name}_classes"]
+    classes = list(range(len(pool.class_names))) if listed is None else list(listed)
     if classes != list(range(len(pool.class_names))):
         raise ConfigError(f"data.{name}_classes: {pool.name} is token classification and uses all its "
                           f"{len(pool.class_names)} tags: set it to [0, ..., {len(pool.class_names) - 1}]")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool.y_train))
-    n_test = int(round(data_cfg.test_fraction * len(order)))
-    n_val = int(round(data_cfg.val_fraction * (len(order) - n_test)))
+    # the dataset's own test / validation sentences as given; otherwise seeded cuts of the rest
+    n_test = 0 if pool.x_test is not None else int(round(data_cfg.test_fraction * len(order)))
+    n_val = 0 if pool.x_val is not None else int(round(data_cfg.val_fraction * (len(order) - n_test)))
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     budget = data_cfg[f"{name}_train_size"]
     if budget is not None:
@@ -179,11 +219,13 @@ def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> Task
             raise ConfigError(f"data.{name}_train_size={budget} exceeds the {len(train)} training sentences of "
                               f"{pool.name} left after holding out val/test; lower it or set it to null (all)")
         train = train[:budget]  # already a random order
+    cut = lambda idx, x=pool.x_train, y=pool.y_train: (x[idx], y[idx])  # noqa: E731
+    given = lambda x, y: (x, y) if x is not None else None  # noqa: E731
+    test_split = given(pool.x_test, pool.y_test) or cut(test)
     if data_cfg.get("test_size") is not None:
-        test = test[:data_cfg.test_size]
-    cut = lambda idx: (pool.x_train[idx], pool.y_train[idx])  # noqa: E731
-    return TaskSplits(name, classes, cut(train), cut(val), cut(test), token_level=True,
-                      label_names=list(pool.class_names))
+        test_split = (test_split[0][:data_cfg.test_size], test_split[1][:data_cfg.test_size])
+    return TaskSplits(name, classes, cut(train), given(pool.x_val, pool.y_val) or cut(val), test_split,
+                      token_level=True, label_names=list(pool.class_names))
 
 
 def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True,
@@ -203,10 +245,12 @@ def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: boo
         if inputs(source_from) != inputs(pool):
             raise ConfigError(f"data.source_dataset: {source_from.name} holds {inputs(source_from)} but data.dataset "
                               f"{pool.name} holds {inputs(pool)}; one backbone must read both")
-        source = _make_task(source_from, "source", list(data_cfg.source_classes), data_cfg, seed=split_seed * 2)
+        source = _make_task(source_from, "source", _classes(source_from, "source", data_cfg), data_cfg,
+                            seed=split_seed * 2)
     if pool.token_labels:
         target = _make_token_task(pool, "target", data_cfg, seed=split_seed * 2 + 1)
     else:
-        target = _make_task(pool, "target", list(data_cfg.target_classes), data_cfg, seed=split_seed * 2 + 1)
+        target = _make_task(pool, "target", _classes(pool, "target", data_cfg), data_cfg, seed=split_seed * 2 + 1)
     return TransferData(source, target, pool.input_shape, pool.name, pool.is_text,
-                        source_dataset=source_from.name if with_source else None)
+                        source_dataset=source_from.name if with_source else None,
+                        fingerprint=pool.fingerprint, source_fingerprint=source_from.fingerprint if with_source else None)

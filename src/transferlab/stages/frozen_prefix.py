@@ -186,12 +186,15 @@ def digest(tensors) -> str:
 
 def cache_settings(cfg, backbone: nn.Module, k: int, pooled: bool, task, text: bool, device: torch.device) -> dict:
     """The stage-cache key of the block outputs: exactly what they are computed from."""
-    def inputs(split):
-        return [split[0].input_ids, split[0].attention_mask] if text else [split[0]]
+    def inputs(split) -> str:
+        identity = getattr(split[0], "identity", None)  # images on disk: their dataset, rows and size
+        if identity is not None:
+            return identity
+        return digest([split[0].input_ids, split[0].attention_mask] if text else [split[0]])
     weights = [t for block in backbone.blocks[:k] for t in block.state_dict().values()]
     return {"k": k, "pooled": pooled, "pooling": getattr(backbone, "pooling", None) if pooled else None,
             "backbone": type(backbone).__name__, "blocks": digest(weights),
-            "train": digest(inputs(task.train)), "val": digest(inputs(task.val)), "eval_batch": EVAL_BATCH,
+            "train": inputs(task.train), "val": inputs(task.val), "eval_batch": EVAL_BATCH,
             "device": device.type, "precision": str(cfg.trainer.precision), "torch": torch.__version__}
 
 
@@ -211,6 +214,8 @@ def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], 
     raw = [m.name for m in methods if getattr(m, "reads_raw_inputs", False)]
     if raw:
         reason = f"regularizer={raw[0]} reads the raw batch"
+    elif cfg.data.augment:
+        reason = "data.augment draws new inputs every epoch"
     elif str(cfg.trainer.precision) not in FULL_PRECISION:
         reason = f"trainer.precision={cfg.trainer.precision} (the blocks would run under autocast)"
     elif text and not hasattr(backbone, "pooling"):

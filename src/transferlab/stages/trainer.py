@@ -156,10 +156,12 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
     """Train `module` on `task` (train / val splits) for one stage, resuming from the stage's
     checkpoint when an interrupted run left one; the W&B runs are closed with the right exit code."""
     rank, world_size = rank_and_world_size()
+    workers = cfg.data.num_workers
     train = make_loader(task.train, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
-                        pin_memory=cfg.trainer.pin_memory, with_index=True)
+                        pin_memory=cfg.trainer.pin_memory, with_index=True, num_workers=workers,
+                        augment=cfg.data.augment and getattr(task.train[0], "ndim", 0) == 4)  # images only
     val = make_loader(task.val, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size,
-                      pin_memory=cfg.trainer.pin_memory)
+                      pin_memory=cfg.trainer.pin_memory, num_workers=workers)
     checkpoint = StageCheckpoint(stage_checkpoint_path(run_dir, stage), stage, train.sampler,
                                  cfg.trainer.checkpoint_every_n_steps, cfg.trainer.checkpoint_interval_s)
     loggers = make_loggers(cfg, run_dir, stage) if loggers is None else loggers
