@@ -32,6 +32,7 @@ from transferlab.experiment import build_setup
 from transferlab.heads import classification_head
 from transferlab.results import RESULTS_FILE, read_results
 from transferlab.tasks import task_of
+from transferlab.weights import average  # the mean of state dicts (weights.py: shared with merging)
 
 
 def file_digest(path: Path) -> str:
@@ -62,13 +63,6 @@ def ingredients(sweep_dir: Path) -> list[tuple[Path, dict]]:
         raise TransferlabError(f"{sweep_dir}: its runs do not share one starting point (the same source.pt, seed, data "
                                f"and backbone: {len(starts)} different); soup a sweep over target settings only")
     return runs
-
-
-def average(states: list[dict]) -> dict:
-    """The mean of state dicts (floating tensors, summed in float64 — so a soup of identical
-    ingredients is that ingredient exactly; integer counters from the first)."""
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in states[0].items()}
 
 
 def make_soups(sweep_dir: Path) -> dict:

@@ -30,6 +30,7 @@ from transferlab.stages.checkpointing import stage_checkpoint_path
 from transferlab.stages.module import TaskModule
 from transferlab.stages.source import load_source_file, save_source_checkpoint, train_source
 from transferlab.stages.target import target_module, train_target
+from transferlab.weights import start_digest
 
 # The recipe every run used before optimizers and schedules were config groups: left out of the
 # cache keys (and matched by recorded configs that lack it), so earlier entries and runs stay valid.
@@ -178,12 +179,14 @@ def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_di
         context.head.load_state_dict(saved["head"])
         module.method_modules.load_state_dict(saved.get("methods", {}))
         return module, saved["info"]
+    # What the stage starts from, by digest (LoRA: the base under its adapters), for `transferlab merge`.
+    start = start_digest(backbone.state_dict()) if is_global_zero() else None
     module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context,
                                 extra_regularizers=extra_regularizers,
                                 fetch_frozen_blocks=frozen_blocks_fetch(cache) if cache is not None else None)
     if is_global_zero():
         atomic_write(path, lambda tmp: torch.save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
                            "methods": module.method_modules.state_dict(),
-                           "target_classes": list(data.target.classes), "info": info}, tmp))
+                           "target_classes": list(data.target.classes), "start_digest": start, "info": info}, tmp))
         stage_checkpoint_path(run_dir, "target").unlink(missing_ok=True)  # superseded by target.pt
     return module, info
