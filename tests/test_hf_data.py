@@ -298,3 +298,27 @@ def test_a_decoding_error_in_a_loader_worker_reaches_the_user_as_its_own_line(tm
     with pytest.raises(DataError) as raised:
         list(make_loader((pool.x_train, torch.from_numpy(pool.y_train)), 16, shuffle=False, num_workers=1))
     assert one_line(raised.value).startswith("data: cannot decode ") and "broken.jpg" in one_line(raised.value)
+
+
+def test_text_is_tokenized_through_datasets_map_and_cached_on_disk(tmp_path):
+    from transferlab.backbones.minilm import MiniLM
+    from transferlab.data import hf
+    from transferlab.data.text import tokenize
+
+    pool = load_hf(builder="csv", data_files=str(write_csv(tmp_path / "reviews.csv", 40)), input_column="review",
+                   label_column="sentiment")
+    tokenizer = MiniLM(num_layers=1).tokenizer
+    view = pool.x_train.take(np.array([5, 0, 17, 33]))
+    mapped = tokenize(view, tokenizer, max_length=6)
+    direct = tokenizer(list(view), truncation=True, max_length=6, padding="longest", return_token_type_ids=False,
+                       return_tensors="pt")
+    assert torch.equal(mapped.input_ids, direct["input_ids"]) and torch.equal(mapped.attention_mask,
+                                                                              direct["attention_mask"])
+    (cached,) = hf._TOKENIZED.values()
+    files = [f["filename"] for f in cached.cache_files]
+    assert files and all(Path(f).is_file() for f in files)  # written beside the dataset's own Arrow files
+    hf._TOKENIZED.clear()  # a new run: the same data and tokenizer read the mapped table back
+    again = load_hf(builder="csv", data_files=str(tmp_path / "reviews.csv"), input_column="review",
+                    label_column="sentiment").x_train.take(np.array([5, 0, 17, 33]))
+    assert torch.equal(tokenize(again, tokenizer, max_length=6).input_ids, mapped.input_ids)
+    assert [f["filename"] for f in next(iter(hf._TOKENIZED.values())).cache_files] == files

@@ -2,12 +2,12 @@
 folder, a `save_to_disk` folder or a hub dataset already in the local HF cache — as a
 `LabelledPool` that the one split logic (splits.py) cuts into tasks.
 
-What stays on disk: images. The dataset's Arrow files are memory-mapped, and `ImageColumn` holds
-row numbers, not pixels; a batch's images are read, converted to RGB (grayscale / RGBA / palette
-images mixed with RGB are fine), resized to `image_size` and scaled to [0, 1] when a loader asks
-for that batch — in DataLoader workers with `data.num_workers` > 0. Memory does not grow with the
-number of images (scripts/bench_data.py). Labels, domains and texts are small and read once
-(texts are tokenized once per run, as the bundled text datasets are).
+What stays on disk: the inputs. The dataset's Arrow files are memory-mapped, and `ImageColumn` /
+`TextColumn` hold row numbers, not pixels or strings. A batch's images are read, converted to RGB
+(grayscale / RGBA / palette images mixed with RGB are fine), resized to `image_size` and scaled to
+[0, 1] when a loader asks for that batch — in DataLoader workers with `data.num_workers` > 0;
+memory does not grow with the number of images (scripts/bench_data.py). Texts are tokenized
+through `datasets.map`, cached on disk with the dataset. Labels and domains are small and read once.
 
 Columns by config: `input_column` (an image or text column; null: the first image column, else
 `text`), `label_column` (a ClassLabel's names, else the sorted distinct values), for token
@@ -55,8 +55,11 @@ class ImageColumn:
     def shape(self) -> tuple[int, ...]:
         return (len(self.rows), 3, self.size, self.size)
 
+    def with_rows(self, rows: np.ndarray) -> "ImageColumn":
+        return ImageColumn(self.dataset, self.column, rows, self.size, self.origin)
+
     def take(self, positions) -> "ImageColumn":
-        return ImageColumn(self.dataset, self.column, self.rows[np.asarray(positions)], self.size, self.origin)
+        return self.with_rows(self.rows[np.asarray(positions)])
 
     @property
     def identity(self) -> str:
@@ -68,8 +71,10 @@ class ImageColumn:
     def __getitem__(self, index) -> torch.Tensor:
         positions = np.atleast_1d(np.asarray(index.tolist() if torch.is_tensor(index) else index))
         records = self.dataset[self.rows[positions].tolist()][self.column]
-        pixels = np.stack([self._decode(record) for record in records])
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        pixels = np.stack([self._decode(record) for record in records])  # (N, H, W, 3) uint8
+        # channels first and contiguous while still uint8 (a quarter of the bytes to move), as
+        # every other image tensor here is laid out
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
     def _decode(self, record: dict) -> np.ndarray:
         from PIL import Image
@@ -85,18 +90,71 @@ class ImageColumn:
             raise DataError(f"data: cannot decode {where} ({type(e).__name__}: {e}); remove or replace the file") from None
 
 
+class TextColumn:
+    """Texts of a dataset's rows, read from its Arrow table when asked: iterating gives the strings;
+    `tokenized(tokenizer, max_length)` gives their token ids through `datasets.map`, whose result
+    is cached on disk beside the dataset's own files (a second run of the same data and tokenizer
+    reads it back). `take(positions)` is a view on fewer rows."""
+
+    ndim = 1
+    dtype = np.dtype(object)  # what LabelledPool.is_text reads
+
+    def __init__(self, dataset, column: str, rows: np.ndarray, origin: str):
+        self.dataset, self.column, self.rows, self.origin = dataset, column, rows, origin
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows),)
+
+    def with_rows(self, rows: np.ndarray) -> "TextColumn":
+        return TextColumn(self.dataset, self.column, rows, self.origin)
+
+    def take(self, positions) -> "TextColumn":
+        return self.with_rows(self.rows[np.asarray(positions)])
+
+    def __getitem__(self, i: int) -> str:
+        return self.dataset[int(self.rows[i])][self.column]
+
+    def __iter__(self):
+        return iter(self.dataset.select(self.rows)[self.column])
+
+    def tokenized(self, tokenizer, max_length: int) -> list[list[int]]:
+        """Token ids of these rows (truncated to max_length, special tokens added, no padding)."""
+        key = hashlib.sha256(repr((self.origin, self.column, self.dataset._fingerprint, type(tokenizer).__name__,
+                                   tokenizer.name_or_path, len(tokenizer), max_length)).encode()).hexdigest()[:16]
+        if key not in _TOKENIZED:
+            column = self.column
+
+            def encode(batch):
+                return {"input_ids": tokenizer(batch[column], truncation=True, max_length=max_length,
+                                               return_token_type_ids=False, return_attention_mask=False)["input_ids"]}
+
+            _TOKENIZED.clear()  # one dataset at a time is enough (a run's splits share it)
+            _TOKENIZED[key] = self.dataset.map(encode, batched=True, remove_columns=self.dataset.column_names,
+                                               new_fingerprint=key)
+        return _TOKENIZED[key].select(self.rows)["input_ids"]
+
+
+_TOKENIZED: dict = {}  # fingerprint → the mapped dataset, so the splits of one run tokenize once
+
+
+Column = (ImageColumn, TextColumn)
+
+
 def take(x, positions):
-    """Rows `positions` of a pool's inputs: a numpy array (images, texts) or an `ImageColumn`.
+    """Rows `positions` of a pool's inputs: a numpy array (images, texts) or a column view.
     np.take, as scikit-learn's splitters index: fancy indexing can give a size-1 axis another
     stride, which PyTorch reads as channels-last and convolves by another kernel (other roundings)."""
-    return x.take(positions) if isinstance(x, ImageColumn) else np.take(x, positions, axis=0)
+    return x.take(positions) if isinstance(x, Column) else np.take(x, positions, axis=0)
 
 
 def concatenate(parts: list):
     """Inputs of several cuts of one pool, in order."""
-    if isinstance(parts[0], ImageColumn):
-        first = parts[0]
-        return ImageColumn(first.dataset, first.column, np.concatenate([p.rows for p in parts]), first.size, first.origin)
+    if isinstance(parts[0], Column):  # views of one table (pick_splits' concatenation)
+        return parts[0].with_rows(np.concatenate([p.rows for p in parts]))
     return np.concatenate(parts)
 
 
@@ -264,13 +322,17 @@ def load_hf(builder: Optional[str] = None, data_files: Union[str, list, dict, No
 
     is_image = not token_labels and type(first.features[input_column]).__name__ == "Image"
     datasets = import_datasets()
-    if is_image:
-        # one table for all splits: row numbers then index every split (cuts may mix them, e.g. OOD)
-        whole = datasets.concatenate_datasets([parts[r].select_columns([input_column]) for r in present])
-        whole = whole.cast_column(input_column, datasets.Image(decode=False))
-    elif first.features[input_column].dtype not in ("string", "large_string"):
+    if not is_image and getattr(first.features[input_column], "dtype", None) not in ("string", "large_string"):
         raise ConfigError(f"data.dataset.input_column={input_column}: neither images nor text "
                           f"({first.features[input_column]}); name an image or text column")
+    for role in present:
+        if not is_image and parts[role].data.column(input_column).null_count:
+            raise DataError(f"data: column '{input_column}' has {parts[role].data.column(input_column).null_count} "
+                            f"missing value(s) in the {role} split; drop or fill those rows")
+    # one table for all splits: row numbers then index every split (cuts may mix them, e.g. OOD)
+    whole = datasets.concatenate_datasets([parts[r].select_columns([input_column]) for r in present])
+    if is_image:
+        whole = whole.cast_column(input_column, datasets.Image(decode=False))
     names = class_label_names(first, label_column)
     labels = {r: parts[r][label_column] for r in present}
     all_ids, class_names = encode([v for r in present for v in labels[r]], label_column, names)
@@ -287,9 +349,7 @@ def load_hf(builder: Optional[str] = None, data_files: Union[str, list, dict, No
         if is_image:
             x = ImageColumn(whole, input_column, rows, image_size, fingerprint)
         else:
-            texts = parts[role][input_column]
-            no_missing(texts, input_column)
-            x = np.array(texts, dtype=object)
+            x = TextColumn(whole, input_column, rows, fingerprint)
         arrays[role] = {"x": x, "y": all_ids[offset:offset + n],
                         "domain": None if domain_ids is None else domain_ids[offset:offset + n]}
         offset += n

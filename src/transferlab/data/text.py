@@ -32,9 +32,15 @@ class Tokens:
         return {"input_ids": ids[:, used], "attention_mask": mask[:, used]}
 
 
-def tokenize(texts: np.ndarray, tokenizer, max_length: int) -> Tokens:
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
-                        return_token_type_ids=False, return_tensors="pt")
+def tokenize(texts, tokenizer, max_length: int) -> Tokens:
+    """An array of strings, or data=hf's TextColumn (tokenized through datasets.map, cached on disk
+    with the dataset), padded as the tokenizer pads to the longest text."""
+    if hasattr(texts, "tokenized"):
+        encoded = tokenizer.pad({"input_ids": texts.tokenized(tokenizer, max_length)}, padding="longest",
+                                return_tensors="pt")
+    else:
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
+                            return_token_type_ids=False, return_tensors="pt")
     return Tokens(encoded["input_ids"], encoded["attention_mask"])
 
 
