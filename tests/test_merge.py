@@ -204,6 +204,26 @@ def test_regmean_off_diagonal_scaling_is_least_squares_with_the_diagonal_kept():
     torch.testing.assert_close(out["lin.weight"], solution)
 
 
+def test_regmean_on_a_pointwise_convolution_is_least_squares_over_every_position():
+    """A 1×1 convolution is a Linear over the channels at each position: its merged weight is the
+    least-squares fit of both tasks' outputs at every example and position (α = 1)."""
+    from transferlab.merge import pointwise
+    from transferlab.merging import regmean
+
+    torch.manual_seed(1)
+    convs = [torch.nn.Conv2d(4, 3, 1, bias=False).double() for _ in range(2)]
+    maps = [torch.randn(5, 4, 3, 3, dtype=D) for _ in range(2)]  # two tasks' inputs (N, C, H, W)
+    grams = [{"conv.weight": (lambda x: x.T @ x)(m.movedim(1, -1).reshape(-1, 4))} for m in maps]
+    thetas = [{"conv.weight": c.weight.detach()} for c in convs]
+    out = regmean.merge({"conv.weight": torch.zeros(3, 4, 1, 1, dtype=D)}, thetas, stats=grams, alpha=1.0)
+    rows = torch.cat([m.movedim(1, -1).reshape(-1, 4) for m in maps])
+    targets = torch.cat([c(m).detach().movedim(1, -1).reshape(-1, 3) for c, m in zip(convs, maps)])
+    want = torch.linalg.lstsq(rows, targets).solution.T.reshape(3, 4, 1, 1)
+    torch.testing.assert_close(out["conv.weight"], want)
+    assert pointwise(convs[0]) and not pointwise(torch.nn.Conv2d(4, 3, 3))
+    assert not pointwise(torch.nn.Conv2d(4, 4, 1, groups=4)) and not pointwise(torch.nn.Conv2d(4, 3, 1, stride=2))
+
+
 def test_every_method_of_identical_fine_tunes_gives_them_back():
     torch.manual_seed(0)
     start = {"lin.weight": torch.randn(3, 4, dtype=D)}

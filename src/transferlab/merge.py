@@ -485,21 +485,31 @@ def fisher_of(seed: Seed, entry: Entry, examples: int, labels: str) -> dict:
     return {name[len("backbone."):]: f.cpu() for name, f in fisher.items()}
 
 
+def pointwise(module: nn.Module) -> bool:
+    """A 1×1, stride-1, ungrouped, unpadded convolution: y = W x at every position."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.groups == 1 and all(p == 0 for p in getattr(module, "padding", (0, 0)) if isinstance(p, int)))
+
+
 @torch.no_grad()
 def grams_of(seed: Seed, entry: Entry, examples: int) -> dict:
-    """Gₜ = XᵀX (float64) of the inputs of every nn.Linear of the backbone (by its weight's name)
-    on the task's training examples at its fine-tuned weights; text: padding positions left out."""
+    """Gₜ = XᵀX (float64) of the inputs of every linear layer of the backbone (by its weight's
+    name) on the task's training examples at its fine-tuned weights: each nn.Linear (text: padding
+    positions left out) and each pointwise convolution (1×1, stride 1, ungrouped: a Linear over the
+    channels at every position, so X has one row per example and position)."""
     seed.load(entry.theta)
     model = TaskModel(seed.backbone, entry.head, entry.task.token_level)
     linears = {path: m for path, m in seed.backbone.named_modules()
-               if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward}
+               if (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward) or pointwise(m)}
     grams: dict[str, torch.Tensor] = {}
     mask: list[torch.Tensor | None] = [None]
 
     def hook(path):
         def record(module, args):
             x = args[0].detach()
-            if mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
+            if isinstance(module, nn.Conv2d):  # (N, C, H, W) → one row per example and position
+                x = x.movedim(1, -1)
+            elif mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
                 x = x[mask[0].bool()]
             x = x.reshape(-1, x.shape[-1]).double()
             grams[f"{path}.weight"] = grams.get(f"{path}.weight", 0) + x.T @ x
@@ -607,7 +617,7 @@ def merge_one_seed(seed: Seed, chosen: list[MergeMethod], knobs: dict, examples:
                 settings = {"kind": kind, "examples": examples, "labels": fisher_labels, "seed": e.run.seed}
                 compute = lambda e=e: fisher_of(seed, e, examples, fisher_labels)  # noqa: E731
             elif kind == "gram":
-                settings = {"kind": kind, "examples": examples}
+                settings = {"kind": kind, "examples": examples, "layers": "linear+pointwise"}
                 compute = lambda e=e: grams_of(seed, e, examples)  # noqa: E731
             else:
                 raise TransferlabError(f"merge: no way to compute the statistics {kind!r} a method asks for")
