@@ -173,26 +173,30 @@ def import_datasets():
     return datasets
 
 
+def file_patterns(data_files) -> list[str]:
+    """data_files (a path or glob, a list of them, or {split: either}) as a flat list."""
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    return [str(p) for v in values for p in ([v] if isinstance(v, str) else list(v))]
+
+
+def matches(pattern: str) -> list[str]:
+    return glob.glob(os.path.expanduser(pattern), recursive=True)
+
+
 def check_data_files(data_files) -> None:
     """A path or glob that matches nothing fails here, in one line, not deep inside a builder."""
-    patterns = data_files.values() if isinstance(data_files, dict) else [data_files]
-    for pattern in patterns:
-        for p in [pattern] if isinstance(pattern, str) else list(pattern):
-            if not glob.glob(os.path.expanduser(str(p)), recursive=True):
-                raise ConfigError(f"data.dataset.data_files: '{p}' matches no file (from {os.getcwd()}); "
-                                  "give a path or glob that exists")
+    for p in file_patterns(data_files):
+        if not matches(p):
+            raise ConfigError(f"data.dataset.data_files: '{p}' matches no file (from {os.getcwd()}); "
+                              "give a path or glob that exists")
 
 
 def files_identity(data_files, data_dir) -> list:
     """Paths, sizes and modification times of the local files: an edited file changes it."""
-    patterns = []
-    if data_files is not None:
-        values = data_files.values() if isinstance(data_files, dict) else [data_files]
-        patterns += [p for v in values for p in ([v] if isinstance(v, str) else list(v))]
+    patterns = [] if data_files is None else file_patterns(data_files)
     if data_dir is not None:
         patterns.append(str(Path(data_dir) / "**" / "*"))
-    files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(str(p)), recursive=True)
-                    if os.path.isfile(f)})
+    files = sorted({f for p in patterns for f in matches(p) if os.path.isfile(f)})
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
@@ -324,7 +328,7 @@ def load_hf(builder: Optional[str] = None, data_files: Union[str, list, dict, No
     if token_labels:
         return token_pool(parts, present, words_column, tags_column, title, fingerprint)
 
-    is_image = not token_labels and type(first.features[input_column]).__name__ == "Image"
+    is_image = type(first.features[input_column]).__name__ == "Image"
     datasets = import_datasets()
     if not is_image and getattr(first.features[input_column], "dtype", None) not in ("string", "large_string"):
         raise ConfigError(f"data.dataset.input_column={input_column}: neither images nor text "
