@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -63,7 +62,7 @@ from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.errors import TransferlabError
 from transferlab.evidence import p_text
 from transferlab.experiment import build_setup
-from transferlab.files import atomic_write, atomic_write_text
+from transferlab.files import atomic_write, atomic_write_text, file_digest
 from transferlab.freeze.lora import is_conv1d
 from transferlab.merging import Knob, MergeMethod, methods
 from transferlab.merging.base import LAMBDA
@@ -315,14 +314,6 @@ def capped_batches(split: tuple, limit: int):
             x, y = cut(x, take), y[:take]
         seen += take
         yield x, y
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Seed:

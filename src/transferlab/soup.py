@@ -17,7 +17,6 @@ once on the target test split. Written: <sweep dir>/soup.md and soup.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -28,15 +27,12 @@ from omegaconf import OmegaConf
 from transferlab.config import register_schemas
 from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.errors import TransferlabError
+from transferlab.files import file_digest
 from transferlab.experiment import build_setup
 from transferlab.heads import classification_head
 from transferlab.results import RESULTS_FILE, read_results
 from transferlab.tasks import task_of
 from transferlab.weights import average  # the mean of state dicts (weights.py: shared with merging)
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def start_of(run: dict, run_dir: Path) -> tuple:
