@@ -75,3 +75,27 @@ def prepare_statistics(method, source_model, loader, backbone) -> None:
 
     ctx = MethodContext(backbone=backbone, source_model=source_model, source_loader=lambda: loader)
     method.use_statistics(method.compute_statistics(ctx), ctx)
+
+
+def options(group: str) -> list[str]:
+    """Every option of a config group, as conf/ lists it (a new option joins the tests that use this)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def completes_or_refuses_in_one_line(cfg, run_dir) -> dict | None:
+    """The combinatorial rule: a run completes with a finite target metric, or is refused with a
+    one-line TransferlabError before training. Returns the metrics (None when refused)."""
+    import math
+
+    from transferlab.errors import TransferlabError
+    from transferlab.experiment import run_experiment
+
+    try:
+        metrics = run_experiment(cfg, run_dir)["metrics"]
+    except TransferlabError as e:
+        assert "\n" not in str(e).strip() and str(e).strip(), f"refusal must be one line: {e!r}"
+        assert not (run_dir / "checkpoints" / "target.pt").exists(), "refused after the target stage trained"
+        return None
+    primary = next(k for k in ("target/test_acc", "target/test_f1") if k in metrics)
+    assert math.isfinite(metrics[primary])
+    return metrics

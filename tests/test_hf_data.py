@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import completes_or_refuses_in_one_line, compose_config, options
 from PIL import Image
 
 from transferlab.data.hf import ImageColumn, load_hf
@@ -322,3 +322,18 @@ def test_text_is_tokenized_through_datasets_map_and_cached_on_disk(tmp_path):
                     label_column="sentiment").x_train.take(np.array([5, 0, 17, 33]))
     assert torch.equal(tokenize(again, tokenizer, max_length=6).input_ids, mapped.input_ids)
     assert [f["filename"] for f in next(iter(hf._TOKENIZED.values())).cache_files] == files
+
+
+@pytest.mark.slow  # 17 short runs: images on disk under every freeze policy and regularizer (CI runs them)
+@pytest.mark.parametrize("group, option", [("freeze", o) for o in options("freeze")]
+                         + [("regularizer", o) for o in options("regularizer")])
+def test_every_freeze_policy_and_regularizer_composes_with_images_on_disk(make_cfg, tmp_path_factory, tmp_path,
+                                                                          group, option):
+    root = tmp_path_factory.getbasetemp() / "combinations"
+    if not root.exists():
+        write_image_folder(root, per_class=10, classes=("cat", "dog", "fox", "owl"))
+    cfg = make_cfg("data=hf", "data.dataset.builder=imagefolder", f"data.dataset.data_dir={root}",
+                   "data.dataset.image_size=8", "data.source_classes=[0,1]", "data.target_classes=[2,3]",
+                   "data.num_workers=0", f"{group}={option}", "source.epochs=1", "target.epochs=2",
+                   *(["freeze.probe_epochs=1"] if option == "lp_ft" else []))  # LP-FT: 1 probe + 1 full epoch
+    completes_or_refuses_in_one_line(cfg, tmp_path / "run")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, compose_config
+from conftest import FAST, completes_or_refuses_in_one_line, compose_config, options
 from transferlab.config import validate
 from transferlab.errors import ConfigError, TransferlabError
 from transferlab.experiment import run_experiment
@@ -196,7 +196,7 @@ def test_scratch_reinitializes(folders):
     assert matrices and not any(torch.equal(before[k], after[k]) for k in matrices)
 
 
-def one_line_error(error_type, name: str, needle: str, **kwargs) -> str:
+def assert_one_line_error(error_type, name: str, needle: str, **kwargs) -> str:
     with pytest.raises(error_type) as info:
         HFVision(name, **kwargs)
     message = str(info.value)
@@ -206,17 +206,17 @@ def one_line_error(error_type, name: str, needle: str, **kwargs) -> str:
 
 def test_missing_model_while_offline_fails_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    one_line_error(TransferlabError, "nobody-here/no-such-vit", "local HF cache (offline)")
-    one_line_error(TransferlabError, str(tmp_path / "missing"), "no such folder")
+    assert_one_line_error(TransferlabError, "nobody-here/no-such-vit", "local HF cache (offline)")
+    assert_one_line_error(TransferlabError, str(tmp_path / "missing"), "no such folder")
     (tmp_path / "empty").mkdir()
-    one_line_error(TransferlabError, str(tmp_path / "empty"), "the local folder")
+    assert_one_line_error(TransferlabError, str(tmp_path / "empty"), "the local folder")
 
 
 def test_a_text_model_is_not_an_image_model(tmp_path):
     config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, vocab_size=64)
     folder = save(tmp_path / "bert", transformers.BertModel(config))
-    message = one_line_error(ConfigError, str(folder), "bert is not an image model")
+    message = assert_one_line_error(ConfigError, str(folder), "bert is not an image model")
     assert "backbone=hf" in message
 
 
@@ -251,3 +251,14 @@ def test_digits_run_end_to_end(tmp_path, folders, family, overrides):
     assert 0 <= m["target/test_acc"] <= 1 and m["source/test_acc_before"] is not None
     if "freeze=partial" in overrides:
         assert m["params/trainable"] < m["params/total"]
+
+
+@pytest.mark.slow  # 17 short runs: every freeze policy and every regularizer on a tiny ViT (CI runs them)
+@pytest.mark.parametrize("group, option", [("freeze", o) for o in options("freeze")]
+                         + [("regularizer", o) for o in options("regularizer")])
+def test_every_freeze_policy_and_regularizer_composes_with_hf_vision(folders, tmp_path, group, option):
+    overrides = [o for o in FAST if not o.startswith("backbone.")] + [
+        "backbone=hf_vision", f"backbone.name={folders['vit']}", f"{group}={option}", "source.epochs=1",
+        "target.epochs=2", "data.source_train_size=60", "data.target_train_size=60", f"paths.output_root={tmp_path}",
+        *(["freeze.probe_epochs=1"] if option == "lp_ft" else [])]  # LP-FT: 1 probe + 1 full epoch
+    completes_or_refuses_in_one_line(compose_config(overrides), tmp_path / "run")
