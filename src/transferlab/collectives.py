@@ -75,6 +75,15 @@ def ensure_process_group(cfg) -> None:
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
 
 
+def leave_process_group() -> None:
+    """Wait for the other ranks, then tear the group down while the interpreter is alive: Gloo's
+    worker threads outliving it abort the process at exit ("terminate called without an active
+    exception", pytorch#190489), a rank's code -6 after a completed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def sum_across_ranks(values: list[float]) -> list[float]:
     if not several_ranks():
         return values

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from transferlab.collectives import check_devices, ranks_exist, world_size_of
+from transferlab.collectives import check_devices, leave_process_group, ranks_exist, world_size_of
 from transferlab.config import Config, register_schemas, validate
 from transferlab.errors import ConfigError, Interrupted, Preempted, TransferlabError
 from transferlab.results import read_results
@@ -39,7 +39,9 @@ def launch(cfg, run_dir: Path, run) -> dict:
     """`run(cfg, run_dir)` once per rank; returns rank 0's results (from its results.json)."""
     world_size = world_size_of(cfg)
     if world_size == 1 or ranks_exist():
-        return run(cfg, run_dir)
+        results = run(cfg, run_dir)
+        leave_process_group()
+        return results
     validate(cfg)  # a bad value fails here, once, not in every rank
     check_devices(cfg.trainer)
     if cfg.trainer.num_nodes > 1:
@@ -98,6 +100,7 @@ def _rank_main(config_yaml: str, run_dir: str, rank: int, env: dict) -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(config_yaml))
     try:
         run_experiment(cfg, Path(run_dir))
+        leave_process_group()
     except Preempted as e:  # SIGTERM 143, Ctrl-C 130
         raise SystemExit(e.exit_code)
     except TransferlabError as e:
