@@ -171,7 +171,8 @@ def assign_settings(runs: list[dict]) -> list[dict]:
         labelled = override_settings([run["overrides"] for run in runs])
     else:
         labelled = config_settings([run["config"] for run in runs])
-    return [run | {"setting": label or ALL_RUNS, "params": params} for run, (label, params) in zip(runs, labelled)]
+    return [run | {"setting": label or ALL_RUNS, "params": params, "setting_overrides": full or ALL_RUNS}
+            for run, (label, params, full) in zip(runs, with_display_names(labelled))]
 
 
 def override_settings(overrides: list[list[str]]) -> list[tuple[str, dict]]:
@@ -179,6 +180,33 @@ def override_settings(overrides: list[list[str]]) -> list[tuple[str, dict]]:
     shared = set.intersection(*(set(job) for job in kept))
     kept = [[o for o in job if o not in shared] for job in kept]
     return [(" ".join(job), {override_key(o): override_value(o) for o in job}) for job in kept]
+
+
+def with_display_names(labelled: list[tuple[str, dict]]) -> list[tuple[str, dict, str]]:
+    """(name, params, the overrides as written) per run. A setting is shown by name in report.md,
+    report.tex and every figure alike: a preset's group path goes (`+ablation/baselines=l2sp` →
+    `l2sp` when it is the only swept key, else `baselines=l2sp`), and so do `+` / `~`; plain keys
+    stay (`regularizer=l2sp`, `target.lr=0.01`). The overrides stay in report.csv's key columns,
+    and `--baseline` takes either form. Names that would collide keep the overrides."""
+    keys = list(dict.fromkeys(key for _, params in labelled for key in params))
+    alone = len(keys) == 1
+
+    def name(params: dict) -> str:
+        parts = []
+        for key, value in params.items():
+            if "/" in key:
+                parts.append(value if alone else f"{key.rsplit('/', 1)[1]}={value}")
+            else:
+                parts.append(f"{key}={value}")
+        return " ".join(parts)
+
+    names = [name(params) for _, params in labelled]
+    by_name: dict[str, set[str]] = {}
+    for shown, (full, _) in zip(names, labelled):
+        by_name.setdefault(shown, set()).add(full)
+    if any(len(fulls) > 1 for fulls in by_name.values()):
+        names = [full for full, _ in labelled]
+    return [(shown, params, full) for shown, (full, params) in zip(names, labelled)]
 
 
 def override_key(override: str) -> str:
@@ -273,7 +301,8 @@ def add_gains(runs: list[dict]) -> list[dict]:
                 why = f"no {headline_metric(run)} value"
             else:
                 why = NO_SEED if pairing_key(run, with_seed=False) in seedless else NO_DATA
-        gain = {} if match is None else {"transfer/gain": headline(run) - headline(match)}
+        # the improvement in the task's good direction: scratch − run for a lower-is-better metric
+        gain = {} if match is None else {"transfer/gain": sign(run) * (headline(run) - headline(match))}
         paired.append(run | {"scratch": match and match["name"], "scratch_setting": match and match.get("setting"),
                              "pairing": why, "candidates": len(found), "metrics": run["metrics"] | gain})
     return paired
@@ -321,6 +350,17 @@ def headline_metric(run: dict) -> str:
 
 def headline(run: dict) -> float | None:
     return run["metrics"].get(headline_metric(run))
+
+
+def higher_is_better(run: dict) -> bool:
+    """results.json's task.higher_is_better (absent: true, as for accuracy and F1; false for a
+    perplexity or a loss)."""
+    return (run.get("task") or {}).get("higher_is_better") is not False
+
+
+def sign(run: dict) -> float:
+    """+1 where higher is better, −1 where lower is: sign · (a − b) > 0 means a is better."""
+    return 1.0 if higher_is_better(run) else -1.0
 
 
 def sweep_metrics(runs: list[dict]) -> list[str]:
@@ -382,17 +422,20 @@ def markdown_report(rows: list[dict], runs: list[dict], sweep_dir: Path, section
     """The results table and its legend, then `sections` (the evidence and the figures), then how
     runs were paired and the jobs that did not complete."""
     return "\n".join([f"# Ablation report: {sweep_dir}", "", markdown_table(rows), "",
-                      *legend(runs), *sections, "", *pairing_section(runs), "", *failed_section(runs)]) + "\n"
+                      *legend(runs), *best_setting_line(rows, runs), *sections, "", *pairing_section(runs), "", *failed_section(runs)]) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
     metrics = metric_names(rows)
-    header = ["setting", "n", *metrics, *STATUSES, ""]
-    align = ["---", "---:", *["---:"] * len(metrics), *["---:"] * len(STATUSES), "---"]
+    flagged = any(row["negative_transfer"] for row in rows)  # the flag's column only when some row has it
+    header = ["setting", "n", *metrics, *STATUSES, *([NEGATIVE] if flagged else [])]
+    align = ["---", "---:", *["---:"] * len(metrics), *["---:"] * len(STATUSES), *(["---"] if flagged else [])]
     lines = [markdown_row(header), markdown_row(align)]
     for row in rows:
         cells = [row["setting"], str(row["n"]), *(cell_text(row[m], row["n"]) for m in metrics),
-                 *(str(row[s]) for s in STATUSES), f"**{NEGATIVE}**" if row["negative_transfer"] else ""]
+                 *(str(row[s]) for s in STATUSES)]
+        if flagged:
+            cells.append(f"**{NEGATIVE}**" if row["negative_transfer"] else "")
         lines.append(markdown_row(cells))
     return "\n".join(lines)
 
@@ -409,6 +452,23 @@ def cell_text(summary: dict, n_completed: int) -> str:
     return text if summary["n"] == n_completed else f"{text} (n={summary['n']})"
 
 
+def best_setting_line(rows: list[dict], runs: list[dict]) -> list[str]:
+    """The setting with the best mean headline metric, in the task's direction."""
+    completed = [r for r in runs if is_completed(r)]
+    if not rows or not completed:
+        return []
+    head = metric_names(rows)[0]
+    higher = higher_is_better(completed[0])
+    scored = [row for row in rows if row[head]["n"] > 0]
+    if len(scored) < 2:
+        return []
+    best = (max if higher else min)(scored, key=lambda row: row[head]["mean"])
+    tied = [row["setting"] for row in scored if row[head]["mean"] == best[head]["mean"]]
+    names = ", ".join(f"`{label}`" for label in tied) + (" (tied)" if len(tied) > 1 else "")
+    return [f"Best mean {head} ({'higher' if higher else 'lower'} is better): {names} "
+            f"({cell_text(best[head], best['n'])}); see the paired comparison for whether it is a win."]
+
+
 def legend(runs: list[dict]) -> list[str]:
     transfer = [r for r in runs if is_completed(r) and source_mode(r) != "scratch"]
     unpaired = [r["name"] for r in transfer if r["scratch"] is None]
@@ -416,7 +476,11 @@ def legend(runs: list[dict]) -> list[str]:
     lines = ["n: completed runs. Cells: mean ± 95% CI half-width (t-distribution, n−1 d.o.f.) over "
              "completed runs; one value: no CI; —: no value (null metrics are skipped).",
              f"transfer/gain: {headlines} minus that of the scratch run with the same target data, "
-             "backbone, label budget and seed (which one, when several match: see Pairing). "
+             "backbone, label budget and seed (which one, when several match: see Pairing)"
+             + ("; for a lower-is-better metric (results.json task.higher_is_better: false) the scratch run's "
+                "minus the run's, so a positive gain is always an improvement. "
+                if any(not higher_is_better(r) for r in transfer) else ". ")
+             +
              f"{NEGATIVE}: mean gain + CI < 0. "
              f"{len(transfer) - len(unpaired)} transfer runs paired, {len(unpaired)} unpaired."]
     if unpaired:
@@ -623,11 +687,12 @@ def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
 # Entry points
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, baseline: str | None = None
-                 ) -> dict[str, Path]:
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, baseline: str | None = None,
+                 metrics: list[str] | None = None) -> dict[str, Path]:
     """Write report.md (the table, pairing, failures, then the evidence sections: stability,
-    efficiency, generalization, paired comparison against `baseline`, transferability),
-    report.csv, report.tex and plots/*.{pdf,png}; return {name relative to out: path}."""
+    efficiency, generalization, paired comparisons against `baseline` — of `metrics`, default
+    every reported one: the headline, OOD, source after, forgetting —, the source task per seed,
+    transferability), report.csv, report.tex and plots/*.{pdf,png}; return {name relative to out: path}."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise TransferlabError(f"no such directory: {sweep_dir}")
@@ -641,7 +706,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, basel
     plots = plot_metrics_by_key(rows, out / "plots") + plot_tradeoff(rows, out / "plots")
     figure_lines = ["", "## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots
                                               if p.suffix == ".png"]
-    sections = evidence_sections(runs, out, baseline)
+    sections = evidence_sections(runs, out, baseline, metrics)
     (out / "report.md").write_text(markdown_report(rows, runs, sweep_dir, sections + figure_lines))
     write_csv(rows, out / "report.csv")
     (out / "report.tex").write_text(latex_table(rows, sweep_dir))
@@ -660,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep directory)")
     parser.add_argument("--baseline", default=None,
                         help="the setting the paired comparison is against (default: the arm named none, else the first)")
+    parser.add_argument("--metric", action="append", default=None, metavar="KEY",
+                        help="a metric the paired comparison covers (repeat for several; default: every reported "
+                             "one — target test, OOD test, source after, forgetting)")
     args = parser.parse_args(argv)
     found = sorted(args.sweep_dir.rglob(RESULTS_FILE)) if args.sweep_dir.is_dir() else []
     unreadable = [p for p in found if str(load_run(str(p.parent), ".")["error"]).startswith("unreadable ")]
@@ -668,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
               f"can be read (e.g. {found[0]}): nothing to report", file=sys.stderr)
         return 2
     try:
-        written = write_report(args.sweep_dir, args.out, args.baseline)
+        written = write_report(args.sweep_dir, args.out, args.baseline, args.metric)
     except TransferlabError as e:
         print(f"transferlab report: error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ def stability(values: Sequence, baselines: Sequence | None = None, seeds: Sequen
 
     values[i] is run i's target metric, baselines[i] its majority-class baseline
     (results.json `task.majority_test`, None when unknown), seeds[i] its seed. A run *fails* when
-    its metric is at or below its baseline (Mosbach et al. 2021; Dodge et al. 2020). The failed
+    its metric is at or below its baseline (Mosbach et al. 2021; Dodge et al. 2020) — at or above
+    it when lower is better (`higher_is_better=False`: perplexity, loss). The failed
     rate is over the runs whose baseline is known (`n_judged`); NaN when none is.
     Returns n, std (ddof=1, NaN for n < 2), worst/best value and their seeds, failed, n_judged,
     failed_rate. Runs with no value (None/NaN) are left out of everything.
@@ -79,7 +80,7 @@ def stability(values: Sequence, baselines: Sequence | None = None, seeds: Sequen
     sign = 1.0 if higher_is_better else -1.0
     worst, best = int(np.argmin(sign * x)), int(np.argmax(sign * x))  # first seed on ties
     judged = [(v, float(b)) for v, b, _ in runs if b is not None and not math.isnan(float(b))]
-    failed = sum(v <= b for v, b in judged)
+    failed = sum((v <= b) if higher_is_better else (v >= b) for v, b in judged)
     result |= {"std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
                "worst": float(x[worst]), "worst_seed": runs[worst][2],
                "best": float(x[best]), "best_seed": runs[best][2],

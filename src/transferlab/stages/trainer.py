@@ -5,7 +5,8 @@ A CSV log is always written (``<run_dir>/csv/<stage>/metrics.csv``). W&B is adde
 per stage (job_type = stage), grouped by experiment. If W&B cannot start, the run goes on with
 the CSV log and a warning: a logging problem never costs local results. Online, a server that
 does not answer within 3 s (a node without internet) means offline logging with one warning,
-not W&B's own ~90 s init timeout per stage.
+not W&B's own ~90 s init timeout per stage. At the end of a completed run, `log_results_to_wandb`
+writes every metric of results.json into the target stage's W&B run's summary.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from transferlab.data.loaders import EVAL_BATCH, make_loader
+from transferlab.data.loaders import eval_batch, make_loader
 from transferlab.collectives import is_global_zero, rank_and_world_size, uses_cuda
 from transferlab.errors import Preempted
 from transferlab.stages.checkpointing import StageCheckpoint, fitting, stage_checkpoint_path
@@ -54,7 +55,9 @@ def make_loggers(cfg, run_dir: Path, stage: str) -> list[Logger]:
     return loggers
 
 
-def _wandb_logger(cfg, run_dir: Path, stage: str):
+def choose_wandb_mode(cfg, run_dir: Path) -> None:
+    """WANDB_MODE: the environment's, else `logger.mode`; online with a server that does not
+    answer in 3 s: offline, with one warning."""
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     if os.environ["WANDB_MODE"] in ("online", "run", "shared"):
         problem = wandb_unreachable()
@@ -64,20 +67,14 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
             os.environ["WANDB_MODE"] = "offline"
             log.warning("W&B: cannot reach %s (%s): logging offline to %s; upload later with wandb sync",
                         wandb_host(), problem, run_dir / "wandb")
+
+
+def _wandb_logger(cfg, run_dir: Path, stage: str):
+    choose_wandb_mode(cfg, run_dir)
     try:
-        import wandb
         from pytorch_lightning.loggers import WandbLogger
 
-        sweep_group, sweep_tags = _sweep_identity()
-        logger = WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
-            group=cfg.logger.group or sweep_group or cfg.name, job_type=stage,
-            tags=[*cfg.logger.tags, *sweep_tags],
-            name=f"{cfg.name}-{stage}-seed{cfg.seed}",
-            id=wandb_run_id(run_dir, stage), resume="allow",  # a resumed stage continues its W&B run
-            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-        )
+        logger = WandbLogger(save_dir=str(run_dir), **wandb_run_settings(cfg, run_dir, stage))
         # Lightning always passes `anonymous`, which current W&B warns about on every run.
         logger._wandb_init.pop("anonymous", None)
         logger.experiment  # start the run now, so a failure shows here and not mid-training
@@ -85,6 +82,71 @@ def _wandb_logger(cfg, run_dir: Path, stage: str):
     except Exception as e:  # noqa: BLE001  any W&B failure: keep going with the CSV log
         log.warning("W&B logging disabled for the %s stage (%s: %s); the CSV log is still written",
                     stage, type(e).__name__, e)
+        return None
+
+
+def wandb_run_settings(cfg, run_dir: Path, stage: str) -> dict:
+    """wandb.init's arguments for `stage`'s W&B run (project, group, job type, name, id, config):
+    the same for the stage's training and for the results written into it afterwards."""
+    import wandb
+
+    sweep_group, sweep_tags = _sweep_identity()
+    return dict(
+        project=cfg.logger.project, entity=cfg.logger.entity,
+        group=cfg.logger.group or sweep_group or cfg.name, job_type=stage,
+        tags=[*cfg.logger.tags, *sweep_tags],
+        name=f"{cfg.name}-{stage}-seed{cfg.seed}",
+        id=wandb_run_id(run_dir, stage), resume="allow",  # a resumed stage continues its W&B run
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+    )
+
+
+RESULTS_STAGE = "target"  # the W&B run whose summary holds results.json's metrics
+
+
+def results_summary(results: dict) -> dict:
+    """What a run's W&B summary gets from results.json: every metric (None left out: W&B's table
+    sorts a missing value last, a null it would show as text), the run's status, its task block
+    (`task/primary_metric`, `task/higher_is_better`, `task/majority_test`) and its wall time."""
+    summary = {key: value for key, value in (results.get("metrics") or {}).items()
+               if isinstance(value, (bool, int, float, str))}
+    summary["status"] = results.get("status")
+    task = results.get("task") or {}
+    summary |= {f"task/{key}": value for key, value in task.items()
+                if isinstance(value, (bool, int, float, str))}
+    wall = (results.get("provenance") or {}).get("wall_time_s")
+    if wall is not None:
+        summary["time/wall_s"] = wall
+    return summary
+
+
+def log_results_to_wandb(cfg, run_dir: Path, results: dict) -> Path | None:
+    """At the end of a completed run with `logger=wandb`: every metric of results.json into the
+    summary of the target stage's W&B run (the same run id, so `wandb sync` merges them: one row
+    of W&B's run table holds the target curves and the run's test metrics, forgetting, WiSE-FT and
+    transferability results). Offline (as the stage's run was), this is a second offline folder
+    of that run id, `<run dir>/wandb/offline-run-*-<id>-1`; a target stage taken from the stage
+    cache trained nothing, and this is then its W&B run's only folder. Rank 0 only; any W&B
+    failure is a warning, never the run's outcome. Returns the offline run folder (None: none
+    written)."""
+    backend = getattr(cfg.logger.backend, "value", cfg.logger.backend)
+    if backend != "wandb" or results.get("status") != "completed" or not is_global_zero():
+        return None
+    choose_wandb_mode(cfg, Path(run_dir))
+    try:
+        import wandb
+
+        run = wandb.init(dir=str(run_dir), **wandb_run_settings(cfg, Path(run_dir), RESULTS_STAGE))
+        try:
+            run.summary.update(results_summary(results))
+            folder = Path(run.dir).parent  # <run dir>/wandb/offline-run-…/files → its run folder
+        finally:
+            run.finish(exit_code=0)
+        return folder
+    except Exception as e:  # noqa: BLE001  the results are in results.json whatever W&B does
+        log.warning("W&B: could not write the results into the %s run's summary (%s: %s); results.json has them",
+                    RESULTS_STAGE, type(e).__name__, e)
         return None
 
 
@@ -160,7 +222,7 @@ def fit_stage(cfg, module: pl.LightningModule, task, *, stage: str, epochs: int,
     train = make_loader(task.train, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size,
                         pin_memory=cfg.trainer.pin_memory, with_index=True, num_workers=workers,
                         augment=cfg.data.augment and getattr(task.train[0], "ndim", 0) == 4)  # images only
-    val = make_loader(task.val, EVAL_BATCH, shuffle=False, rank=rank, world_size=world_size,
+    val = make_loader(task.val, eval_batch(task), shuffle=False, rank=rank, world_size=world_size,
                       pin_memory=cfg.trainer.pin_memory, num_workers=workers)
     checkpoint = StageCheckpoint(stage_checkpoint_path(run_dir, stage), stage, train.sampler,
                                  cfg.trainer.checkpoint_every_n_steps, cfg.trainer.checkpoint_interval_s)
