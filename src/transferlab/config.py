@@ -2,10 +2,14 @@
 
 - The run's own settings (data, source, target, trainer, logger, paths, cache) are dataclasses
   in Hydra's ConfigStore: a misspelled key or a wrong type fails at compose time, naming the key.
+  A key added with `+` (Hydra's own hint for a typo: `+target.epoch=3`) gets past struct mode;
+  `check_keys` walks the whole config against the dataclasses and refuses it, naming the closest
+  real key.
 - A component (a backbone, freeze policy, regularizer, optimizer, schedule, dataset loader) is a
-  `_target_` node whose schema is its class's `__init__` signature: `check_arguments` checks every
-  key against the annotations (types, and bounds such as `NonNegative`) before anything runs. Its
-  defaults live in its YAML alone. Unknown keys still fail at compose (struct mode).
+  `_target_` node in a field typed `Any` (or a `Dict[str, Any]` of them: `extra_regularizers`),
+  whose schema is its class's `__init__` signature: `check_arguments` checks every key against the
+  annotations (types, and bounds such as `NonNegative`) before anything runs. Its defaults live in
+  its YAML alone.
 - Importing this module imports neither torch nor Lightning: `--help` and `--cfg job` stay fast.
 
 `validate` runs both, plus ranges and cross-field constraints, raising a one-line ConfigError.
@@ -13,6 +17,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import enum
 import inspect
 import typing
@@ -191,6 +197,9 @@ class ReportConfig:
     baseline: Optional[str] = None
 
 
+REGULARIZERS = {"coefficients": True}  # field metadata: the components there are regularizers
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -198,10 +207,12 @@ class Config:
     data: DataConfig = MISSING
     backbone: Any = MISSING
     freeze: Any = MISSING
-    regularizer: Any = MISSING
-    # More regularizers on top of `regularizer`, each with its own coefficients:
+    # REGULARIZERS: a float or int argument without bounds of its own is a coefficient (>= 0)
+    regularizer: Any = field(default=MISSING, metadata=REGULARIZERS)
+    # More regularizers on top of `regularizer`, each with its own coefficients, each named by its key
+    # (its loss term is logged as target/<key>_loss, its penalty as target/<key>_penalty):
     #   transferlab regularizer=l2sp +regularizer@extra_regularizers.bss=bss extra_regularizers.bss.eta=0.01
-    extra_regularizers: Dict[str, Any] = field(default_factory=dict)
+    extra_regularizers: Dict[str, Any] = field(default_factory=dict, metadata=REGULARIZERS)
     source: SourceConfig = field(default_factory=SourceConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -248,7 +259,9 @@ def check_arguments(node, key: str, *, coefficients: bool = False) -> None:
         raise ConfigError(f"{key}._target_={node._target_}: cannot be imported ({type(e).__name__}); "
                           "check the option's YAML") from None
     function = target.__init__ if inspect.isclass(target) else target
-    parameters = inspect.signature(function).parameters
+    # a class without an __init__ of its own (NoRegularizer) takes no settings: object.__init__'s
+    # (*args, **kwargs) would let every key through
+    parameters = {} if function is object.__init__ else inspect.signature(function).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     try:
         hints = typing.get_type_hints(function, include_extras=True)
@@ -261,9 +274,14 @@ def check_arguments(node, key: str, *, coefficients: bool = False) -> None:
         if name not in parameters:
             if takes_any:
                 continue
-            known = ", ".join(p for p in parameters if p != "self")
-            raise ConfigError(f"{where}: {getattr(target, '__name__', target)} takes no such setting ({known})")
-        if name in hints and not OmegaConf.is_missing(node, name):
+            known = [p for p in parameters if p != "self"]
+            raise ConfigError(f"{where}: {getattr(target, '__name__', target)} takes no such setting"
+                              f"{closest(name, known, key)} ({'it takes ' + ', '.join(known) if known else 'it takes none'})")
+        if OmegaConf.is_missing(node, name):
+            continue
+        if not OmegaConf.is_interpolation(node, name) and isinstance(node[name], DictConfig) and "_target_" in node[name]:
+            check_arguments(node[name], where)  # a component inside a component (a pool inside a corpus)
+        elif name in hints:
             value = OmegaConf.to_container(node, resolve=True)[name]
             check_value(where, value, hints[name], coefficients=coefficients)
 
@@ -318,21 +336,66 @@ def check_value(where: str, value, hint, *, coefficients: bool = False) -> None:
         raise ConfigError(f"{where}={value}: must be a string")
 
 
-COMPONENTS = ("backbone", "freeze", "data.dataset", "data.source_dataset", "data.ood_shift", "source.optimizer", "source.scheduler",
-              "target.optimizer", "target.scheduler")
+def closest(name: str, known, where: str = "") -> str:
+    """"; did you mean <where>.<the closest of known>?" or ""."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {where + '.' if where else ''}{match[0]}?" if match else ""
+
+
+def check_keys(node, schema: type = None, where: str = "") -> None:
+    """Every key of `node` against the dataclass `schema` (default: `Config`), recursively: a key
+    the schema has no field for is refused, naming the closest field. A field typed `Any` holds a
+    free value, or a component (a `_target_` node, checked against its signature); a field typed
+    `Dict[str, Any]` holds named components, each of which must be one. Hydra's own `hydra` node
+    (present when composed with return_hydra_config) is Hydra's to check."""
+    schema = Config if schema is None else schema
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for name in node:
+        name = str(name)
+        key = f"{where}.{name}" if where else name
+        if name not in fields:
+            if not where and name == "hydra":
+                continue
+            raise ConfigError(f"{key}: no such setting" + (closest(name, fields, where) or
+                                                           f" ({where or 'the top level'} has {', '.join(fields)})"))
+        if OmegaConf.is_missing(node, name) or OmegaConf.is_interpolation(node, name):
+            continue  # nothing to walk (an interpolation's target is checked where it is)
+        value = node[name]
+        coefficients = bool(fields[name].metadata.get("coefficients"))
+        hint = hints[name]
+        if typing.get_origin(hint) is Union:  # Optional[X]: X
+            hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        if dataclasses.is_dataclass(hint) and isinstance(value, DictConfig):
+            check_keys(value, hint, key)
+        elif typing.get_origin(hint) is dict and isinstance(value, DictConfig):
+            for entry in value:
+                component = value[entry]
+                if not (isinstance(component, DictConfig) and "_target_" in component):
+                    raise ConfigError(f"{key}.{entry}: not a component (no _target_); choose one with an option, "
+                                      f"e.g. +regularizer@{key}.{entry}=bss")
+                check_arguments(component, f"{key}.{entry}", coefficients=coefficients)
+        elif isinstance(value, DictConfig):
+            check_arguments(value, key, coefficients=coefficients)
 
 
 def validate(cfg) -> None:
     """Checks that types alone cannot express. Raises ConfigError naming the key."""
-    for key in COMPONENTS:
-        check_arguments(OmegaConf.select(cfg, key), key)
-    check_arguments(cfg.regularizer, "regularizer", coefficients=True)
-    for name, node in cfg.extra_regularizers.items():
-        check_arguments(node, f"extra_regularizers.{name}", coefficients=True)
+    check_keys(cfg)  # every key a schema has, every component's keys its signature's
 
     def positive(key: str, value) -> None:
         if value is None or not value > 0:
             raise ConfigError(f"{key}={value}: must be > 0")
+
+    # Methods are named by their config key: an extra regularizer's key must not be the name the
+    # freeze policy or the regularizer already goes by (their option's, the module of _target_)
+    taken = {str(node._target_).rsplit(".", 2)[-2]: group for group, node in
+             (("freeze", cfg.freeze), ("regularizer", cfg.regularizer)) if isinstance(node, DictConfig) and "_target_" in node}
+    for name in cfg.extra_regularizers:
+        if name in taken:
+            raise ConfigError(f"extra_regularizers.{name}: {taken[name]}={name} goes by that name already (its loss "
+                              f"term and penalty are logged under it): give the extra another key, e.g. "
+                              f"+regularizer@extra_regularizers.{name}2=...")
 
     positive("target.lr", cfg.target.lr)
     positive("target.epochs", cfg.target.epochs)

@@ -4,10 +4,12 @@ A method is a Lightning callback plus these hooks, all optional:
 
 - **statistics** computed once from the source model and data before the target stage (EWC's
   Fisher, LwF's teacher logits): declare `statistics_inputs` (what they depend on: the source
-  model, the source data, the target data) and `statistics_settings()` (your own settings that
-  change them), implement `compute_statistics(ctx)` → tensors and `use_statistics(stats, ctx)`.
-  The experiment caches them in the stage cache under a key of exactly those inputs + settings,
-  for every method alike.
+  model, the source data, the target data), implement `compute_statistics(ctx)` → tensors and
+  `use_statistics(stats, ctx)`. The experiment caches them in the stage cache under a key of
+  those inputs + `statistics_settings()`: every `__init__` argument as resolved (defaults
+  included), so a setting nobody thought of still keeps entries apart. A method may only
+  *exclude* arguments that cannot change the statistics (`statistics_excluded`, e.g. LwF's
+  coefficient); it cannot override `statistics_settings`.
 - `attach(ctx)`: the target stage starts (after Lightning moved the model to its device): take
   references and anchors. `ctx` is a `MethodContext`. In a resumed run the weights were restored
   before attach: anchors are either saved with the stage (`state_attributes`, as L2-SP's) or read
@@ -20,17 +22,24 @@ A method is a Lightning callback plus these hooks, all optional:
   the all-reduce with fused foreach ops — autograd never sees it (~1% of a step, NOTES §4); and
   `penalty()`, its value, computed on logging steps only.
 
+A method is named by its config key (`name`): its option's name for `freeze` and `regularizer`
+(the file's: `regularizers/ewc.py` → "ewc"), the key under `extra_regularizers` for the others
+(`+regularizer@extra_regularizers.bss2=bss` → "bss2"), so two instances of one class keep their
+loss terms, penalties and statistics apart.
+
 A new method is one file defining the class (its `__init__` signature is its schema: types and
 bounds are checked from the annotations, see config.py) plus one YAML in conf/<group>/.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 # What a method's statistics may depend on (the cache key then holds exactly these).
@@ -82,6 +91,13 @@ class Step:
     module: nn.Module  # the TaskModule (its method_modules hold what modules() returned)
 
 
+def plain(value):
+    """An argument as plain Python (OmegaConf containers from Hydra become lists and dicts)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Per-step metrics straight to the loggers. `self.log` costs ~0.4-1 ms a call on CPU (its
     result-collection bookkeeping), a fifth of a small model's step; per-epoch metrics that
@@ -100,11 +116,58 @@ class Method(pl.Callback):
     # True: attach reads `ctx.start_weights`; the stage then takes them before fit, so a resumed
     # run (whose weights Lightning restores before attach) sees the stage's start, not its restart.
     uses_start_weights = False
+    # `__init__` arguments that cannot change the statistics: left out of their cache key
+    statistics_excluded: tuple[str, ...] = ()
+    # False: reads a classifier's logits or pooled features, so a language-modeling target refuses it
+    supports_language_modeling = True
+    _name: Optional[str] = None  # set for a method under extra_regularizers: its key there
+    _settings: Optional[dict] = None  # the resolved `__init__` arguments (see __new__)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "statistics_settings" in cls.__dict__:
+            raise TypeError(f"{cls.__qualname__}: a method's statistics are keyed by all its settings; "
+                            "list the arguments that cannot change them in `statistics_excluded` instead "
+                            "of overriding statistics_settings")
+
+    def __new__(cls, *args, **kwargs):
+        """Records the resolved `__init__` arguments (defaults filled in): the method's settings,
+        whatever its `__init__` does with them."""
+        self = super().__new__(cls)
+        if cls.__init__ is object.__init__:  # no __init__ of its own: no settings
+            self._settings = {}
+            return self
+        try:
+            bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        except TypeError:  # copy / unpickle (no arguments): __dict__, with _settings, is restored after
+            return self
+        bound.apply_defaults()
+        settings = {}
+        for name, parameter in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+            value = bound.arguments.get(name)
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                settings.update(value or {})
+            elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                settings[name] = list(value or ())
+            else:
+                settings[name] = value
+        self._settings = {k: plain(v) for k, v in settings.items()}
+        return self
 
     @property
     def name(self) -> str:
-        """The option's name (its file: `regularizers/ewc.py` → "ewc"), as users choose it."""
-        return type(self).__module__.rsplit(".", 1)[-1]
+        """The method's config key: for an extra regularizer its key under `extra_regularizers`
+        (set by the experiment), else the option's name (its file: `regularizers/ewc.py` → "ewc")."""
+        return self._name or type(self).__module__.rsplit(".", 1)[-1]
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+
+    @property
+    def settings(self) -> dict:
+        """The resolved `__init__` arguments."""
+        return dict(self._settings or {})
 
     @property
     def needs_source_model(self) -> bool:
@@ -112,8 +175,11 @@ class Method(pl.Callback):
 
     # -- statistics, computed once and cached by the experiment ---------------------------------
     def statistics_settings(self) -> dict:
-        """Your settings that change `compute_statistics` (part of its cache key)."""
-        return {}
+        """Part of the statistics' cache key: every `__init__` argument but `statistics_excluded`."""
+        unknown = set(self.statistics_excluded) - set(self.settings)
+        if unknown:
+            raise TypeError(f"{type(self).__qualname__}.statistics_excluded names no argument: {sorted(unknown)}")
+        return {k: v for k, v in self.settings.items() if k not in self.statistics_excluded}
 
     def compute_statistics(self, ctx: MethodContext) -> dict[str, torch.Tensor]:
         return {}

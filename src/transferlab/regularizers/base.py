@@ -21,7 +21,12 @@ class Regularizer(Method):
     # from weights that have moved since the target stage started.
     state_attributes: tuple[str, ...] = ()
     _restored: dict | None = None
-    penalty_key = "penalty"  # logged as <stage>/<penalty_key>; extra regularizers get "<name>_penalty"
+
+    @property
+    def penalty_key(self) -> str:
+        """Logged as <stage>/<penalty_key>: "penalty" for `regularizer`, "<key>_penalty" for the
+        one at extra_regularizers.<key> (its `name`)."""
+        return "penalty" if self._name is None else f"{self._name}_penalty"
 
     def add_penalty_grad_(self) -> None:
         """Add d(penalty)/dw to w.grad for every parameter that has a gradient this step."""

@@ -30,6 +30,7 @@ def smallest_squared_singular_values(features: torch.Tensor, k: int) -> torch.Te
 
 
 class BSS(Regularizer):
+    supports_language_modeling = False  # penalizes a classifier's pooled features' spectrum
     has_loss_term = True
     has_penalty = False
 

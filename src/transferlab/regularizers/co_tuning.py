@@ -27,9 +27,11 @@ from transferlab.tasks import outputs
 
 
 class CoTuning(Regularizer):
+    supports_language_modeling = False  # maps target classes to source classes
     statistics_inputs = (SOURCE_MODEL, TARGET_DATA)
     has_loss_term = True
     has_penalty = False
+    statistics_excluded = ("lam",)  # the relationship does not depend on the loss's weight
 
     def __init__(self, lam: NonNegative = 2.3):
         self.lam = lam

@@ -126,9 +126,13 @@ def zero_channel(c: int):
 
 
 class DELTA(Regularizer):
+    supports_language_modeling = False  # its feature maps and attention are a classifier's
     has_loss_term = True
     reads_raw_inputs = True  # the start copy runs on the batch's inputs: no frozen-block cache
     uses_start_weights = True
+    # the loss increases per channel are the statistics; the coefficients and the softmax
+    # temperature act on them afterwards
+    statistics_excluded = ("alpha", "beta", "temperature")
 
     def __init__(self, alpha: NonNegative = 0.48, beta: NonNegative = 0.01, blocks: Optional[list[int]] = None,
                  attention: bool = True, attention_examples: PositiveInt = 256, temperature: Positive = 5.0):
@@ -137,9 +141,6 @@ class DELTA(Regularizer):
         self.block_choice = blocks
         self.statistics_inputs = (SOURCE_MODEL, TARGET_DATA) if attention else ()
         self.channel_weights: list[torch.Tensor] | None = None
-
-    def statistics_settings(self) -> dict:
-        return {"blocks": self.block_choice, "attention_examples": self.attention_examples}
 
     def blocks(self, backbone) -> list[int]:
         n = len(backbone.blocks)

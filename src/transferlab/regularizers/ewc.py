@@ -20,14 +20,18 @@ class EWC(Regularizer):
     statistics_inputs = (SOURCE_MODEL, SOURCE_DATA)
     state_attributes = ("anchors", "fisher")
 
+    @property
+    def statistics_excluded(self) -> tuple[str, ...]:
+        """lam and normalize act on the raw Fisher, after the cache; the seed draws the labels of
+        the true Fisher only (fisher=true), the empirical one draws nothing."""
+        return ("lam", "normalize") + (() if self.sample_labels else ("seed",))
+
     def __init__(self, lam: NonNegative, fisher: bool = False, normalize: Literal["none", "max", "mean"] = "none",
                  seed: NonNegativeInt = 0):
         self.lam, self.sample_labels, self.seed = lam, fisher, seed
         self.normalize = normalize
         self.fisher: list[torch.Tensor] | None = None
 
-    def statistics_settings(self) -> dict:
-        return {"fisher": "true" if self.sample_labels else "empirical", "seed": self.seed if self.sample_labels else None}
 
     def compute_statistics(self, ctx: MethodContext) -> dict[str, torch.Tensor]:
         """The raw diagonal Fisher of the source loss at the source weights, for each backbone

@@ -29,9 +29,11 @@ from transferlab.tasks import outputs
 
 
 class LwF(Regularizer):
+    supports_language_modeling = False  # distills the source head's class probabilities
     statistics_inputs = (SOURCE_MODEL, TARGET_DATA)
     has_loss_term = True
     has_penalty = False
+    statistics_excluded = ("lam", "temperature")  # the teacher's raw logits are the statistics
 
     def __init__(self, lam: NonNegative = 1.0, temperature: Positive = 2.0):
         self.lam, self.temperature = lam, temperature

@@ -4,8 +4,10 @@ When blocks 0..k-1 do not train for a whole target stage (linear probe, `partial
 in eval mode with fixed weights (TaskModule puts frozen blocks in eval mode), so block k-1's output
 for an example is the same in every epoch. `frozen_prefix_stage` computes it once for the train
 and validation splits and returns what the stage then trains instead: a TaskModule over the same
-blocks and head whose backbone starts at block k (`FromBlock`), and splits whose x is the cached
-output (for text: the hidden states, with the attention mask travelling beside them).
+blocks and head whose backbone starts at block k (`FromBlock`; a BERT-style encoder's layers:
+`TextFromBlock`; a decoder-only model, whose layers need the causal mask and position handling
+its own forward builds: `DecoderFromBlock`), and splits whose x is the cached output (for text:
+the hidden states, with the attention mask travelling beside them).
 
 Automatic only where exact; otherwise it returns None and the stage runs as before:
 - k >= 1 (policies that train some of every block, BitFit and LoRA, freeze no whole block);
@@ -35,6 +37,7 @@ identical before and after the stage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -43,6 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from transferlab.backbones.hf_causal import HFDecoder
 from transferlab.data.loaders import EVAL_BATCH
 from transferlab.stages.module import TaskModule
 from transferlab.tasks import evaluating, to_device
@@ -107,6 +111,59 @@ class TextFromBlock(FromBlock):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+class DecoderFromBlock(nn.Module):
+    """A decoder-only model (backbones/hf_causal.py) from block k on; x = {"hidden", "attention_mask"},
+    `hidden` being block k's input (block k-1's output). Its blocks are [embeddings, layers...,
+    final norm], and a decoder layer needs what the model's forward builds (the causal + padding
+    mask, position ids, rotary embeddings): so the model's own forward runs, with the layers before
+    block k left out of its layer list for the call and block k's input replaced by `hidden`. The
+    embeddings then run on placeholder ids (a lookup, frozen, in eval mode: no random numbers) and
+    their output is discarded; pooling is the backbone's own. Holds the backbone's one child
+    `model` under the same name, so parameters and state_dict keys are the backbone's."""
+
+    def __init__(self, backbone: nn.Module, k: int, pooled: bool = False):
+        super().__init__()
+        self.model = backbone.model
+        # views, as in HFDecoder: not registered (one name per parameter)
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "blocks", backbone.blocks)
+        self.k, self.pooled, self.feature_dim, self.pooling = k, pooled, backbone.feature_dim, backbone.pooling
+        root = getattr(backbone.model, "decoder", backbone.model)  # OPT keeps the stack one level down
+        lists = [name for name, child in root.named_children() if isinstance(child, nn.ModuleList)]
+        if len(lists) != 1 or list(root._modules[lists[0]]) != list(backbone.blocks[1:-1]):
+            raise ValueError("the decoder's layer list is not its blocks 1..n")
+        object.__setattr__(self, "_root", root)  # a view too
+        self._layers = lists[0]
+
+    @contextlib.contextmanager
+    def starting_at_block_k(self, hidden: torch.Tensor):
+        def replace_input(module, args, kwargs):
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handle = self.blocks[self.k].register_forward_pre_hook(replace_input, with_kwargs=True)
+        layers = self._root._modules[self._layers]
+        self._root._modules[self._layers] = nn.ModuleList(list(self.blocks[self.k:-1]))  # the layers from block k
+        try:
+            yield
+        finally:
+            self._root._modules[self._layers] = layers
+            handle.remove()
+
+    def _run(self, x: dict, pooled: bool) -> torch.Tensor:
+        mask = x["attention_mask"]
+        placeholder = {"input_ids": torch.zeros(mask.shape, dtype=torch.long, device=mask.device), "attention_mask": mask}
+        with self.starting_at_block_k(x["hidden"]):
+            return self.backbone(placeholder) if pooled else self.backbone.token_features(placeholder)
+
+    def token_features(self, x: dict) -> torch.Tensor:
+        return self._run(x, pooled=False)
+
+    def forward(self, x) -> torch.Tensor:
+        return x if self.pooled else self._run(x, pooled=True)
+
+
 class CachedTokens:
     """Block outputs of N texts (N, L, D) with their attention mask; a batch is cut to its longest
     text, as data/text.Tokens cuts token ids, so TokenLabels' columns still line up."""
@@ -129,14 +186,22 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
-    """Block k-1's output for batch x, by the backbone's own forward, stopped right there."""
+    """Block k-1's output for batch x, by the backbone's own forward, stopped right there. For a
+    decoder, block k's input (its embeddings block is a view the model's forward never calls)."""
     captured = []
 
     def grab(module, inputs, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _Stop
 
-    handle = backbone.blocks[k - 1].register_forward_hook(grab)
+    def grab_input(module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    if isinstance(backbone, HFDecoder):
+        handle = backbone.blocks[k].register_forward_pre_hook(grab_input, with_kwargs=True)
+    else:
+        handle = backbone.blocks[k - 1].register_forward_hook(grab)
     try:
         backbone.token_features(x) if text else backbone(x)
     except _Stop:
@@ -220,7 +285,13 @@ def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], 
         reason = f"trainer.precision={cfg.trainer.precision} (the blocks would run under autocast)"
     elif text and not hasattr(backbone, "pooling"):
         reason = "a text backbone that is not a BERT-style encoder"
-    suffix = (TextFromBlock if text else FromBlock)(backbone, k, pooled) if reason is None else None
+    suffix = None
+    if reason is None:
+        kind = DecoderFromBlock if isinstance(backbone, HFDecoder) else TextFromBlock if text else FromBlock
+        try:
+            suffix = kind(backbone, k, pooled)
+        except ValueError as e:
+            reason = str(e)
     if suffix is not None and [id(p) for p in suffix.parameters()] != [id(p) for p in backbone.parameters()]:
         reason = "the backbone has parameters outside its blocks"
     if reason is None:
