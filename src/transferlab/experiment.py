@@ -25,7 +25,7 @@ from transferlab.cache import StageCache
 from transferlab.collectives import barrier, check_devices, ensure_process_group, is_global_zero, rank_and_world_size
 from transferlab.config import validate
 from transferlab.data import TransferData, make_transfer_data
-from transferlab.data.loaders import EVAL_BATCH, make_loader
+from transferlab.data.loaders import EVAL_BATCH, eval_batch, make_loader
 from transferlab.data.text import tokenize_transfer_data
 from transferlab.errors import ConfigError, Preempted, TransferlabError, user_message
 from transferlab.method import MethodContext
@@ -33,7 +33,8 @@ from transferlab.results import RESULTS_FILE, git_state, package_versions, read_
 from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method_statistics, obtain_source, obtain_target
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.source import load_source_checkpoint
-from transferlab.stages.trainer import stage_device
+from transferlab.stages.module import TaskModule
+from transferlab.stages.trainer import log_results_to_wandb, stage_device
 from transferlab.tasks import evaluating, task_of, to_device
 from transferlab.transferability import transferability_scores
 from transferlab.weights import interpolate  # WiSE-FT's θ(α): the one weight-arithmetic room
@@ -99,6 +100,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
         results["provenance"]["wall_time_s"] = round(time.time() - started, 3)
         if writer:
             write_results(run_dir, results)
+    log_results_to_wandb(cfg, run_dir, results)  # logger=wandb: results.json's metrics in the target run's summary
     return results
 
 
@@ -214,7 +216,9 @@ class Setup:
 
     @property
     def has_source(self) -> bool:
-        return self.mode in ("train", "checkpoint")
+        """A source stage to run (train / checkpoint), or a pretrained language model's source task
+        (its general-text corpus) to measure."""
+        return self.data.source is not None
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> tuple[dict, dict]:
@@ -250,8 +254,14 @@ def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> t
 
 def build_setup(cfg) -> Setup:
     mode = source_mode(cfg)
-    has_source = mode in ("train", "checkpoint")
     pool = build(cfg.data.dataset)
+    if pool.language_modeling and mode in ("train", "checkpoint"):
+        raise ConfigError(f"source={mode}: a language-modeling target continues the pretrained model, whose "
+                          "pretraining is the source: use source=pretrained (or source=scratch)")
+    # A language model's source task is its pretraining: with data.source_dataset (a general text
+    # corpus) the pretrained model and head are measured there before and after (forgetting).
+    has_source = mode in ("train", "checkpoint") or (pool.language_modeling and mode == "pretrained")
+    has_source = has_source and (cfg.data.source_dataset is not None or not pool.language_modeling)
     source_pool = build(cfg.data.source_dataset) if has_source and cfg.data.source_dataset is not None else None
     data = make_transfer_data(pool, cfg.data, seed=cfg.seed, with_source=has_source, source_pool=source_pool)
     check_data_fits_backbone(cfg, data)
@@ -262,9 +272,11 @@ def build_setup(cfg) -> Setup:
     extras = []
     for name, node in cfg.extra_regularizers.items():
         extra = build(node)
-        extra.penalty_key = f"{name}_penalty"
+        extra.name = name  # named by its key: its loss term, penalty and statistics are its own
         extras.append(extra)
-    pretrained = check_stage_choices(cfg, mode, backbone, freeze, [regularizer, *extras])
+    pretrained = check_stage_choices(cfg, mode, backbone, freeze, [regularizer, *extras], has_source)
+    if data.target.language_modeling:
+        check_language_modeling(cfg, backbone, [freeze, regularizer, *extras])
     if mode == "scratch" and pretrained:
         backbone.reset_parameters()  # the no-transfer baseline starts from random weights
     if data.is_text:
@@ -283,6 +295,9 @@ def source_stage(cfg, setup: Setup, run_dir: Path, cache: StageCache | None, met
     started = time.time()
     if setup.mode == "train":
         source_model, info = obtain_source(cfg, data, setup.backbone, run_dir, cache)
+    elif setup.mode == "pretrained":  # a language model: its own head on the general-text corpus
+        source_model, info = TaskModule(setup.backbone, setup.backbone.language_model_head(), stage="source",
+                                        task=task_of(data.source), lr=0.0), {}
     else:
         source_model, info = load_source_checkpoint(cfg, data, setup.backbone)
     metrics.update(info)
@@ -368,17 +383,19 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
     """Selection happened on validation; the test split is evaluated here, once. Forgetting: the
     kept source head (trained on, under LwF) on the source test split, after the target stage."""
     data, device = setup.data, stage_device(cfg.trainer)
-    target_test = make_loader(data.target.test, EVAL_BATCH, shuffle=False, num_workers=cfg.data.num_workers)
+    target_test = make_loader(data.target.test, eval_batch(data.target), shuffle=False,
+                              num_workers=cfg.data.num_workers)
     scores = context.task.evaluate(target_model.to(device), target_test)
     metrics.update({f"target/test_{k}": v for k, v in scores.items()})
     if data.target.ood_test is not None:  # generalization: held-out domains or a shifted test split
-        ood = context.task.evaluate(target_model, make_loader(data.target.ood_test, EVAL_BATCH, shuffle=False))
+        ood = context.task.evaluate(target_model, make_loader(data.target.ood_test, eval_batch(data.target),
+                                                              shuffle=False))
         metrics.update({f"target/ood_test_{k}": v for k, v in ood.items()})
         metrics["data/target_ood_test_size"] = len(data.target.ood_test[1])
     if source_model is not None:
         after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
         metrics.update({f"source/test_{k}_after": v for k, v in after.items()})
-        metrics["transfer/forgetting"] = metrics["source/test_acc_before"] - metrics["source/test_acc_after"]
+        metrics.update(forgetting(source_model.task, metrics))
     else:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,
                         "transfer/forgetting": None})
@@ -400,9 +417,10 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
     backbone = setup.backbone
     tuned = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     start = context.start_weights
-    val = make_loader(data.target.val, EVAL_BATCH, shuffle=False)
-    test = make_loader(data.target.test, EVAL_BATCH, shuffle=False)
-    ood = make_loader(data.target.ood_test, EVAL_BATCH, shuffle=False) if data.target.ood_test is not None else None
+    batch = eval_batch(data.target)
+    val = make_loader(data.target.val, batch, shuffle=False)
+    test = make_loader(data.target.test, batch, shuffle=False)
+    ood = make_loader(data.target.ood_test, batch, shuffle=False) if data.target.ood_test is not None else None
     chosen = None
     for alpha in sorted(set(cfg.evaluate.wise_ft_alphas)):
         backbone.load_state_dict(interpolate(start, tuned, alpha))
@@ -412,11 +430,12 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
             scores |= {f"target/ood_test_{k}": v for k, v in task.evaluate(target_model, ood).items()}
         if source_model is not None:
             after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
-            scores["source/test_acc"] = after["acc"]
-            scores["transfer/forgetting"] = metrics["source/test_acc_before"] - after["acc"]
+            source_primary = source_model.task.primary
+            scores[f"source/test_{source_primary}"] = after[source_primary]
+            scores |= forgetting(source_model.task, {**metrics, f"source/test_{source_primary}_after": after[source_primary]})
         metrics.update({f"wise_ft/{alpha:g}/{k}": v for k, v in scores.items()})
         primary = scores[f"target/val_{task.primary}"]
-        if chosen is None or primary >= chosen[1]:
+        if chosen is None or not task.better(chosen[1], primary):  # ties: the larger α
             chosen = (alpha, primary, scores)
     backbone.load_state_dict(tuned)  # the run's own model again
     metrics["wise_ft/best_alpha"] = chosen[0]
@@ -424,7 +443,22 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
 
 
 def source_test_loader(data: TransferData):
-    return make_loader(data.source.test, EVAL_BATCH, shuffle=False)
+    return make_loader(data.source.test, eval_batch(data.source), shuffle=False)
+
+
+def forgetting(source_task, metrics: dict) -> dict:
+    """How much of the source the target stage destroyed, in the source metric's good direction
+    (positive: worse after): accuracy before − after; for a language model, perplexity after −
+    before on the general-text corpus, also relative to before and in nats per token."""
+    primary = source_task.primary
+    before, after = metrics[f"source/test_{primary}_before"], metrics[f"source/test_{primary}_after"]
+    drop = before - after if source_task.higher_is_better else after - before
+    out = {"transfer/forgetting": drop}
+    if source_task.kind == "language_modeling":
+        out["transfer/forgetting_relative"] = drop / before
+        if "source/test_nll_after" in metrics:
+            out["transfer/forgetting_nll"] = metrics["source/test_nll_after"] - metrics["source/test_nll_before"]
+    return out
 
 
 def majority_score(task, data: TransferData) -> float:
@@ -439,21 +473,42 @@ def check_data_fits_backbone(cfg, data) -> None:
         raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
                           f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
                           f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use an image backbone: cnn, mlp, efficientnet_lite0 or hf_vision'}")
+    if data.target.language_modeling and not hasattr(backbone_class, "language_model_head"):
+        raise ConfigError(f"data: {data.dataset} is language modeling but backbone {cfg.backbone._target_} is not a "
+                          "language model: use backbone=smollm2 or backbone=hf_causal")
     if data.target.token_level and not hasattr(backbone_class, "token_features"):
         raise ConfigError(f"data: {data.dataset} is token classification but backbone {cfg.backbone._target_} "
                           "has no per-token features (token_features): use backbone=minilm or backbone=hf")
 
 
-def check_stage_choices(cfg, mode: str, backbone, freeze, regularizers: list) -> bool:
+def check_language_modeling(cfg, backbone, methods: list) -> None:
+    """What a language-modeling target needs: a context long enough for data.max_length, and
+    methods that apply to next-token prediction (they declare `supports_language_modeling`)."""
+    context = getattr(backbone.model_config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(f"data.max_length={cfg.data.max_length}: longer than {type(backbone).__name__}'s context "
+                          f"of {context} tokens; lower it")
+    frozen = methods[0].always_frozen(backbone.num_blocks, cfg.target.epochs)
+    if len(frozen) == backbone.num_blocks and getattr(backbone.model_config, "tie_word_embeddings", False):
+        raise ConfigError(f"freeze={methods[0].name}: freezes every block, and {type(backbone).__name__}'s next-token "
+                          "head is tied to its embeddings: nothing would train; use freeze=lora or freeze=partial")
+    for method, group in zip(methods, ("freeze", "regularizer", *(f"extra_regularizers.{k}" for k in cfg.extra_regularizers))):
+        if not getattr(method, "supports_language_modeling", True):
+            raise ConfigError(f"{group}={method.name}: does not apply to a language-modeling target (it reads class "
+                              "logits or features of a classifier); use l2sp, l2, ewc or none, with any freeze policy")
+
+
+def check_stage_choices(cfg, mode: str, backbone, freeze, regularizers: list, has_source: bool) -> bool:
     """Freeze policy vs backbone, regularizer vs source stage, source mode vs weights.
     Returns whether the backbone came pretrained."""
     freeze.check(backbone.num_blocks, cfg.target.epochs)
     freeze.check_backbone(backbone)
     for method, group in ((freeze, "freeze"), *((r, "regularizer") for r in regularizers)):
-        if method.needs_source_model and mode not in ("train", "checkpoint"):
+        if method.needs_source_model and not has_source:
             raise ConfigError(f"{group}={method.name} needs a source stage (its statistics come from the source "
-                              f"model), and source={mode} has none: use source=train or source=checkpoint, "
-                              "or another method (e.g. regularizer=l2sp)")
+                              f"model), and source={mode} has none: use source=train or source=checkpoint (a "
+                              "language model: data.source_dataset, a general-text corpus), or another method "
+                              "(e.g. regularizer=l2sp)")
     pretrained = getattr(backbone, "pretrained", False)
     if mode == "pretrained" and not pretrained:
         raise ConfigError(f"source=pretrained needs a pretrained backbone (e.g. backbone=minilm); "
@@ -467,9 +522,11 @@ def format_summary(results: dict) -> str:
     fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     rows = [("status", results["status"])]
     keys = ["target/test_f1", "target/val_f1"] if "target/test_f1" in m else []
+    keys += ["target/test_ppl", "target/test_nll", "target/val_ppl", "source/test_ppl_before",
+             "source/test_ppl_after"] if "target/test_ppl" in m else []
     keys += ["target/test_acc", "target/test_macro_f1", "target/val_acc", "target/best_epoch",
-             "source/test_acc_before", "source/test_acc_after", "transfer/forgetting", "params/trainable",
-             "params/total"]
+             "source/test_acc_before", "source/test_acc_after", "transfer/forgetting",
+             "transfer/forgetting_relative", "params/trainable", "params/total"]
     rows += [(k, fmt(m[k])) for k in keys if k in m]  # absent: not this task's metric (NER has no val_acc)
     rows.append(("wall time (s)", fmt(results["provenance"]["wall_time_s"])))
     width = max(len(k) for k, _ in rows)

@@ -7,6 +7,11 @@ all go through `Task.evaluate` / `Task.tally`, so there is one scoring path per 
 - `TokenClassification` (NER): entity-level precision / recall / F1 (seqeval, conlleval rules:
   exact span and type) and accuracy over scored words; tag sequences are gathered across ranks;
   primary metric `f1`.
+- `LanguageModeling`: next-token cross-entropy over the scored tokens (`nll`, nats per token, a
+  sum and a count across ranks) and perplexity exp(nll); primary metric `ppl`, lower is better.
+
+`higher_is_better` is the primary metric's direction: selection, early stopping, WiSE-FT's α,
+forgetting's sign and the report (results.json's task block) all follow it.
 
 The primary metric is what validation selects on (`<stage>/val_<primary>`), what the report's
 headline and transfer gain use, and what Optuna optimizes when `optimized_metric` is null.
@@ -70,10 +75,19 @@ class Task:
     kind: str
     primary: str  # the metric selection, reports and sweeps use: <stage>/val_<primary>, <stage>/test_<primary>
     token_level = False
+    higher_is_better = True  # the primary metric's direction
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         # Token level: (N, L, C) → (N·L, C); positions labelled IGNORE are cross-entropy's ignore_index.
         return F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+    def scored(self, y: torch.Tensor) -> int:
+        """How many loss terms `loss(..., reduction="sum")` adds up for labels `y`."""
+        return int((y != IGNORE).sum()) if self.token_level else len(y)
+
+    def better(self, score: float, than: float | None) -> bool:
+        """Whether `score` beats `than` in the primary metric's direction (None: anything does)."""
+        return than is None or (score > than if self.higher_is_better else score < than)
 
     def new_tally(self):
         raise NotImplementedError
@@ -102,7 +116,8 @@ class Task:
 
     def describe(self, majority_test: float | None = None) -> dict:
         """The `task` block of results.json."""
-        return {"kind": self.kind, "primary_metric": self.primary, "majority_test": majority_test}
+        return {"kind": self.kind, "primary_metric": self.primary, "higher_is_better": self.higher_is_better,
+                "majority_test": majority_test}
 
 
 class Classification(Task):
@@ -181,8 +196,38 @@ def entity_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dic
             "acc": correct / max(words, 1)}
 
 
+class LanguageModeling(Task):
+    """Next-token prediction: position t's logits predict token t+1; positions labelled IGNORE
+    (padding, and a chat prompt's tokens) are not scored. `nll` is the mean over scored tokens of
+    every text together (a corpus's perplexity, not a mean of per-text perplexities)."""
+
+    kind, primary, token_level, higher_is_better = "language_modeling", "ppl", True, False
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return super().loss(logits[:, :-1], y[:, 1:], reduction)
+
+    def scored(self, y: torch.Tensor) -> int:
+        return int((y[:, 1:] != IGNORE).sum())
+
+    def new_tally(self) -> tuple[float, int]:
+        return 0.0, 0
+
+    def add(self, tally, logits: torch.Tensor, y: torch.Tensor):
+        return tally[0] + float(self.loss(logits.float(), y, reduction="sum")), tally[1] + self.scored(y)
+
+    def scores(self, tally) -> dict[str, float]:
+        total, count = sum_across_ranks([tally[0], float(tally[1])])
+        nll = total / count if count else float("nan")
+        return {"ppl": float(np.exp(nll)), "nll": nll}
+
+    def majority_score(self, train_y, test_y) -> None:
+        return None  # no majority-class floor for next-token prediction
+
+
 def task_of(splits) -> Task:
     """The Task a data split (data.splits.TaskSplits) is judged as."""
+    if getattr(splits, "language_modeling", False):
+        return LanguageModeling()
     if splits.token_level:
         return TokenClassification(splits.label_names)
     return Classification(splits.num_classes)

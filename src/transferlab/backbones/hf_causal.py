@@ -102,7 +102,9 @@ class HFDecoder(Backbone):
                         raise ConfigError(f"backbone.num_layers={num_layers}: {name} has only {available} layers")
                     config.num_hidden_layers = num_layers
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=offline)
-                model = transformers.AutoModel.from_pretrained(name, config=config, local_files_only=offline)
+                # float32 whatever the folder stores (SmolLM2's is bf16): training and its numerics are fp32 here
+                model = transformers.AutoModel.from_pretrained(name, config=config, local_files_only=offline,
+                                                               dtype=torch.float32)
         except (OSError, ValueError) as e:
             where = "the local folder" if local else ("the local HF cache (offline)" if offline else "the hub")
             raise TransferlabError(f"backbone.name={name}: cannot load a decoder from {where} "
@@ -147,6 +149,24 @@ class HFDecoder(Backbone):
         decoder._adopt(model, f"random {config.model_type}", pooling, gradient_checkpointing)
         return decoder
 
+    def language_model_head(self) -> nn.Module:
+        """The model's own next-token head, the source head of a language-modeling task: tied to
+        the input embeddings when the model ties them (SmolLM2, GPT-2), else its `lm_head` weights
+        (loaded from the folder; a random decoder gets a random one)."""
+        embedding = self.model.get_input_embeddings()
+        if getattr(self.model_config, "tie_word_embeddings", False):
+            return TiedLMHead(embedding)
+        head = nn.Linear(self.feature_dim, embedding.num_embeddings, bias=False)
+        if self.pretrained:
+            transformers = import_transformers(self.option)
+            with quiet_transformers(transformers):
+                full = transformers.AutoModelForCausalLM.from_pretrained(self.name, config=self.model_config,
+                                                                         local_files_only=True, dtype=torch.float32)
+            head.load_state_dict(full.get_output_embeddings().state_dict())
+        else:
+            nn.init.normal_(head.weight, std=getattr(self.model_config, "initializer_range", 0.02))
+        return head
+
     def token_features(self, batch: dict) -> torch.Tensor:
         """The final norm's output per token, (N, L, feature_dim): what a token head reads."""
         mask = batch["attention_mask"]
@@ -180,6 +200,24 @@ class HFDecoder(Backbone):
                 weight.normal_(0.0, std)
             if isinstance(bias, nn.Parameter):
                 bias.zero_()
+
+
+class TiedLMHead(nn.Module):
+    """A language model's output layer tied to its input embedding matrix (SmolLM2, GPT-2): logits
+    = h · Eᵀ. It owns no parameter: E lives in the embeddings block, kept out of this module's
+    tree (one name per parameter in state dicts), so the head trains exactly when that block
+    trains, and freezing the embeddings freezes the head too."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # a view, not a child
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.embedding.weight)
 
 
 def causal_padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

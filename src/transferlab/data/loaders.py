@@ -16,6 +16,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 EVAL_BATCH = 256  # batches for passes without gradients (validation, test, the Fisher)
+LM_EVAL_BATCH = 16  # a language model's logits are (batch × length × vocabulary): 16 × 64 × 49k ≈ 200 MB
+
+
+def eval_batch(splits) -> int:
+    """The batch of passes without gradients over a task's splits (data.splits.TaskSplits)."""
+    return LM_EVAL_BATCH if getattr(splits, "language_modeling", False) else EVAL_BATCH
 
 
 class TensorBatches(Dataset):

@@ -27,6 +27,9 @@ class LabelledPool:
     # Token classification (NER): x holds word tuples, y an int64 tag array per example
     # (class_names are the tag names); tasks are cut by example, never by class.
     token_labels: bool = False
+    # Language modeling (data/corpus.py): x holds texts, y is all 0 (unused); tasks are cut by
+    # example, and the labels are the texts' own next tokens.
+    language_modeling: bool = False
     # The dataset's own validation split (used as given, never cut from training data); None: cut
     # from the training split (data.val_fraction).
     x_val: Any = None

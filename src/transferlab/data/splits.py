@@ -34,6 +34,8 @@ class TaskSplits:
     # An out-of-distribution test split (data.ood_domains / data.ood_shift): the same classes from
     # held-out domains, or the test split under a label-preserving shift. None: none.
     ood_test: Optional[tuple] = None
+    # Language modeling: x texts (then Tokens), y the next-token labels once tokenized.
+    language_modeling: bool = False
 
     @property
     def evaluation_splits(self) -> tuple[str, ...]:
@@ -200,10 +202,10 @@ def _ood_test(pool: LabelledPool, classes: list[int], data_cfg, x_test, y_test, 
 
 
 def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> TaskSplits:
-    """Token classification: every tag is in play, so only examples are split (seeded, not
-    stratified: an example holds many tags)."""
+    """Token classification and language modeling: every tag (every token) is in play, so only
+    examples are split (seeded, not stratified: an example holds many tags)."""
     listed = data_cfg[f"{name}_classes"]
-    classes = list(range(len(pool.class_names))) if listed is None else list(listed)
+    classes = list(range(len(pool.class_names))) if listed is None or pool.language_modeling else list(listed)
     if classes != list(range(len(pool.class_names))):
         raise ConfigError(f"data.{name}_classes: {pool.name} is token classification and uses all its "
                           f"{len(pool.class_names)} tags: set it to [0, ..., {len(pool.class_names) - 1}]")
@@ -225,7 +227,8 @@ def _make_token_task(pool: LabelledPool, name: str, data_cfg, seed: int) -> Task
     if data_cfg.get("test_size") is not None:
         test_split = (test_split[0][:data_cfg.test_size], test_split[1][:data_cfg.test_size])
     return TaskSplits(name, classes, cut(train), given(pool.x_val, pool.y_val) or cut(val), test_split,
-                      token_level=True, label_names=list(pool.class_names))
+                      token_level=pool.token_labels, label_names=list(pool.class_names),
+                      language_modeling=pool.language_modeling)
 
 
 def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: bool = True,
@@ -236,6 +239,9 @@ def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: boo
     source_from = pool if source_pool is None else source_pool
     source = None
     if with_source:
+        if source_from.language_modeling != pool.language_modeling:
+            raise ConfigError(f"data.source_dataset: {source_from.name} and data.dataset {pool.name} must both be "
+                              "language-modeling corpora (data/corpus.py) or neither")
         if source_from.token_labels:
             hint = "" if source_pool is None else " (data.source_dataset)"
             raise ConfigError(f"data={source_from.name}{hint} is a single token-classification task: it has no source "
@@ -245,9 +251,10 @@ def make_transfer_data(pool: LabelledPool, data_cfg, seed: int, with_source: boo
         if inputs(source_from) != inputs(pool):
             raise ConfigError(f"data.source_dataset: {source_from.name} holds {inputs(source_from)} but data.dataset "
                               f"{pool.name} holds {inputs(pool)}; one backbone must read both")
-        source = _make_task(source_from, "source", _classes(source_from, "source", data_cfg), data_cfg,
-                            seed=split_seed * 2)
-    if pool.token_labels:
+        source = _make_token_task(source_from, "source", data_cfg, seed=split_seed * 2) \
+            if source_from.language_modeling else \
+            _make_task(source_from, "source", _classes(source_from, "source", data_cfg), data_cfg, seed=split_seed * 2)
+    if pool.token_labels or pool.language_modeling:
         target = _make_token_task(pool, "target", data_cfg, seed=split_seed * 2 + 1)
     else:
         target = _make_task(pool, "target", _classes(pool, "target", data_cfg), data_cfg, seed=split_seed * 2 + 1)

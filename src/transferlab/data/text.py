@@ -83,12 +83,23 @@ def tokenize_words(sentences: np.ndarray, labels, tokenizer, max_length: int) ->
     return Tokens(encoded["input_ids"], mask), TokenLabels(aligned, mask)
 
 
+def next_token_labels(tokens: Tokens) -> tuple[Tokens, TokenLabels]:
+    """A text's labels are its own tokens (the task shifts them: position t predicts t+1);
+    padding is not scored."""
+    labels = tokens.input_ids.masked_fill(tokens.attention_mask == 0, IGNORE)
+    return tokens, TokenLabels(labels, tokens.attention_mask)
+
+
 def tokenize_transfer_data(data: TransferData, tokenizer, max_length: int) -> TransferData:
     def task(t: TaskSplits | None):
         if t is None:
             return None
         if t.token_level:
             splits = {s: tokenize_words(*getattr(t, s), tokenizer, max_length) for s in t.evaluation_splits}
+            return dataclasses.replace(t, **splits)
+        if t.language_modeling:
+            splits = {s: next_token_labels(tokenize(getattr(t, s)[0], tokenizer, max_length))
+                      for s in t.evaluation_splits}
             return dataclasses.replace(t, **splits)
         splits = {s: (tokenize(getattr(t, s)[0], tokenizer, max_length), getattr(t, s)[1])
                   for s in t.evaluation_splits}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from torch import nn
 
+from transferlab.errors import ConfigError
 from transferlab.freeze.base import FreezePolicy
 
 
@@ -24,6 +25,11 @@ def is_bias(name: str) -> bool:
 class BitFit(FreezePolicy):
     def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
         return set()  # every block keeps training (its biases do); blocks stay in train mode
+
+    def check_backbone(self, backbone) -> None:
+        if not any(is_bias(name) for name, _ in backbone.blocks.named_parameters()):
+            raise ConfigError(f"freeze=bitfit: {type(backbone).__name__} has no bias parameters (Llama-style layers "
+                              "have none), so nothing in the backbone would train: use freeze=lora or freeze=linear_probe")
 
     def trainable_backbone_params(self, backbone: nn.Module, epochs: int) -> int:
         return sum(p.numel() for name, p in backbone.blocks.named_parameters() if is_bias(name))

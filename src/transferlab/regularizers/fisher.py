@@ -18,8 +18,12 @@ How (`method`):
   per-example gradients exist at a time. Parameters no rule covers (a custom module, a tied
   weight, a layer called twice in one forward, a weight its parent also uses directly, a layer
   whose input is changed in place afterwards: the last three found during the first pass) take
-  the "vmap" path, restricted to them. The model must give (examples, classes) logits, as the
-  vmap path's per-example cross-entropy assumes too (the source task is never token-level).
+  the "vmap" path, restricted to them.
+
+An example's loss is its task's (`model.task.loss`, summed): a class's cross-entropy, or for a
+language model the sequence's negative log-likelihood Σ_t −log p(x_t | x_<t) — the Fisher of the
+model's distribution over whole sequences, one gradient per text. A model without a task gives
+(examples, classes) logits and cross-entropy.
 - "vmap": torch.func `vmap(grad(...))` over all of `params`. Exact, but every parameter's
   per-example gradient exists at once, and on transformers SDPA attention has no batching rule
   (it falls back to a loop). MiniLM-L6, 32 examples x 32 tokens, CPU time against one batched
@@ -42,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from transferlab.collectives import several_ranks, sum_across_ranks
-from transferlab.tasks import evaluating, to_device
+from transferlab.tasks import IGNORE, evaluating, to_device
 
 # vmap path: per-sample gradients hold samples x parameters numbers: a 256-example batch through
 # MiniLM's 22.7M parameters would be 23 GB. Each batch is taken in chunks that keep them under this
@@ -66,6 +70,7 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     if method not in METHODS:
         raise ValueError(f"diagonal_fisher: method={method!r}; choose one of {', '.join(METHODS)}")
     generator = torch.Generator().manual_seed(seed)
+    loss_sum = summed_loss(model)
     fisher = {name: torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for name, p in params.items()}
     count = 0
     with evaluating(model) as device:  # CPU batches go to the model's device
@@ -74,10 +79,11 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
             x, y = to_device(batch, device)[:2]
             if sample_labels:
                 with torch.no_grad():
-                    probs = F.softmax(model(x), dim=-1)
-                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+                    probs = F.softmax(model(x).float(), dim=-1)
+                drawn = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
+                y = drawn.to(y.device) if y.dim() == 1 else torch.where(y == IGNORE, y, drawn.roll(1, -1).to(y.device))
             if squares is None:
-                add_vmap_squares(model, params, x, y, fisher)
+                add_vmap_squares(model, params, x, y, fisher, loss_sum)
             else:
                 squares.add(x, y, fisher)
             count += len(y)
@@ -91,16 +97,30 @@ def diagonal_fisher(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     return {name: f / count for name, f in fisher.items()}
 
 
+def summed_loss(model: nn.Module) -> Callable:
+    """(logits, labels) → the sum over examples of each example's loss, the model's task's."""
+    task = getattr(model, "task", None)
+    if task is not None:
+        return lambda logits, y: task.loss(logits, y, reduction="sum")
+
+    def cross_entropy(logits, y):
+        if logits.dim() != 2:
+            raise ValueError(f"diagonal_fisher: logits of shape {tuple(logits.shape)}; expected (examples, classes)")
+        return F.cross_entropy(logits, y, reduction="sum")
+    return cross_entropy
+
+
 def add_vmap_squares(model: nn.Module, params: dict[str, torch.Tensor], x, y: torch.Tensor,
-                     fisher: dict[str, torch.Tensor]) -> None:
+                     fisher: dict[str, torch.Tensor], loss_sum: Callable | None = None) -> None:
     """fisher[name] += sum over the batch of the squared per-sample gradients, by vmap(grad).
     Parameters of the model not in `params` keep their own values (functional_call)."""
     weights = {name: p.detach() for name, p in params.items()}
+    loss_sum = loss_sum or summed_loss(model)
 
     def sample_loss(weights, x, y):
         # x: one example (a tensor, or a dict of tensors for text): give it a batch axis back.
         logits = functional_call(model, weights, (tree_map(lambda t: t.unsqueeze(0), x),))
-        return F.cross_entropy(logits, y.unsqueeze(0))
+        return loss_sum(logits, y.unsqueeze(0))
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     chunk = max(1, PER_SAMPLE_GRAD_BYTES // sum(w.numel() * w.element_size() for w in weights.values()))
@@ -263,7 +283,7 @@ class HookedSquares:
     """The "hooks" method for one model and parameter set (see the module docstring)."""
 
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
-        self.model, self.params = model, params
+        self.model, self.params, self.loss_sum = model, params, summed_loss(model)
         wanted = {id(p): name for name, p in params.items()}
         owners = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
         # module -> (rule, {"weight"/"bias": name in params}), for the modules a rule covers; a
@@ -290,7 +310,7 @@ class HookedSquares:
             if self.covered:
                 self.add_chunk(xs, ys, fisher)
             if self.rest:  # what no rule covers, and what add_chunk found it cannot trust
-                add_vmap_squares(self.model, self.rest, xs, ys, fisher)
+                add_vmap_squares(self.model, self.rest, xs, ys, fisher, self.loss_sum)
             start += size
 
     def output_bytes(self, x) -> int:
@@ -356,12 +376,10 @@ class HookedSquares:
             with torch.enable_grad():
                 with uses:
                     logits = self.model(x)
-                if logits.dim() != 2:
-                    raise ValueError(f"diagonal_fisher: logits of shape {tuple(logits.shape)}; "
-                                     "expected (examples, classes)")
+                loss = self.loss_sum(logits, y)
                 if logits.requires_grad:
                     # summed: the gradient reaching example n's activations is that of n's own loss
-                    F.cross_entropy(logits, y, reduction="sum").backward()
+                    loss.backward()
         finally:
             for h in handles:
                 h.remove()

@@ -12,8 +12,8 @@ class KeepBestWeights(pl.Callback):
     Ties keep the earlier epoch.
     """
 
-    def __init__(self, monitor: str):
-        self.monitor = monitor
+    def __init__(self, monitor: str, higher_is_better: bool = True):
+        self.monitor, self.higher_is_better = monitor, higher_is_better
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self._best_state = None
@@ -23,7 +23,7 @@ class KeepBestWeights(pl.Callback):
         if score is None or trainer.sanity_checking:
             return
         score = float(score)
-        if self.best_score is None or score > self.best_score:
+        if self.best_score is None or (score > self.best_score if self.higher_is_better else score < self.best_score):
             self.best_score, self.best_epoch = score, trainer.current_epoch
             self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 

