@@ -107,7 +107,7 @@ def test_honest_axes_for_accuracy_differences_and_counts():
 
 def test_axis_labels_map_and_fallback():
     assert figures.axis_label("target/test_acc") == "target test accuracy"
-    assert figures.axis_label("transfer/forgetting") == "forgetting (source acc. lost)"
+    assert figures.axis_label("transfer/forgetting") == "forgetting (source accuracy lost, or perplexity gained)"
     assert figures.axis_label("target/test_f1") == "target test entity F1"
     assert figures.axis_label("target/val_loss") == "target validation loss"
     assert figures.axis_label("regularizer.alpha") == "regularizer alpha"

@@ -19,7 +19,7 @@ Rules every builder follows:
 - Axis names come from LABELS, else `axis_label` prettifies the key ("target/ood_test_acc" →
   "target OOD test accuracy").
 - One style (STYLE, an rcParams context: small sans-serif fonts, no top/right spines, a
-  colour-blind-safe palette, TrueType fonts embedded in the PDF), PDF (vector) + PNG at DPI = 300.
+  colour-blind-safe palette, TrueType fonts embedded in the PDF), PDF (vector) + PNG at DPI (220; `--dpi` for more).
 
 Figures are built on `matplotlib.figure.Figure` and saved through the Agg (PNG) and PDF backends,
 never pyplot: no global figure state, nothing to close, safe in a Hydra callback.
@@ -42,7 +42,7 @@ import numpy as np
 from cycler import cycler
 from matplotlib.figure import Figure
 
-DPI = 300
+DPI = 220  # (PNG metadata stores 200 as 199.9996) report.md and screens; `transferlab report --dpi 300` for print (PNG cost grows with dpi²)
 # Embedding fonts in a PDF logs every subsetting step at INFO (fontTools): noise in a sweep's log.
 logging.getLogger("fontTools").setLevel(logging.WARNING)
 MIN_SPAN = 0.1  # the smallest y-range of an accuracy-like or difference axis (accuracy units)
@@ -77,7 +77,8 @@ LABELS = {
     "source/test_ppl_after": "source perplexity after transfer",
     "source/test_acc_before": "source test accuracy before transfer",
     "source/test_acc_after": "source test accuracy after transfer",
-    "transfer/forgetting": "forgetting (source acc. lost)",
+    "transfer/forgetting": "forgetting (source accuracy lost, or perplexity gained)",
+    "transfer/forgetting_relative": "forgetting (relative to the source score before)",
     "transfer/gain": "transfer gain (vs scratch)",
     "efficiency/samples_per_s": "training throughput (samples/s)",
     "efficiency/peak_mem_mb": "peak memory (MB)",
@@ -441,3 +442,118 @@ def _err(point: Mapping, key: str) -> float:
     if value is None or not math.isfinite(value) or point.get("n", 2) < 2:
         return math.nan
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The stability–plasticity front, and aggregates across tasks
+
+
+def front(series: Mapping[str, Sequence[Mapping]], xkey: str, ykey: str, x_higher: bool = True,
+          y_higher: bool = True, front_points: Sequence[tuple[float, float]] = (),
+          reference: tuple[float, float] | None = None, note: str | None = None,
+          save_to: str | Path | None = None) -> Plot:
+    """Target metric (y) against retention (x), one colour and marker per method (series name →
+    points with "x", "y", optional "xerr", "yerr" (95% half-widths), "n", "label"); the Pareto
+    front over all points as a staircase (`front_points`, the non-dominated (x, y) means); the
+    hypervolume reference point as a cross. A lower-is-better axis is inverted, so better is always
+    up and to the right."""
+    with style():
+        fig = Figure(figsize=(5.6, 3.6))
+        ax = fig.add_subplot()
+        ax.grid(True, axis="both")
+        xs, ys, labels = [], [], []
+        for s, (name, points) in enumerate(series.items()):
+            x = np.array([float(p["x"]) for p in points])
+            y = np.array([float(p["y"]) for p in points])
+            xerr = np.nan_to_num(np.array([_err(p, "xerr") for p in points]))
+            yerr = np.nan_to_num(np.array([_err(p, "yerr") for p in points]))
+            colour, marker = OKABE_ITO[s % len(OKABE_ITO)], MARKERS[s % len(MARKERS)]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, elinewidth=0.8, alpha=0.6, zorder=2)
+            ax.plot(x, y, linestyle="none", marker=marker, color=colour, zorder=3, gid=DATA, label=_wrap(name, 24))
+            xs += list(x)
+            ys += list(y)
+            labels += [str(p.get("label") or "") if p.get("front") else "" for p in points]
+        if len(front_points):
+            sx, sy = (1 if x_higher else -1), (1 if y_higher else -1)
+            f = sorted(((sx * x, sy * y) for x, y in front_points))  # oriented: x ascending, y descending
+            steps = [f[0]]
+            for (x0, _), (x1, y1) in zip(f, f[1:]):
+                steps += [(x0, y1), (x1, y1)]
+            ax.plot([sx * x for x, _ in steps], [sy * y for _, y in steps], color="0.15", linewidth=1.0,
+                    linestyle="--", zorder=1, label="Pareto front", gid="front")
+        if reference is not None:
+            ax.plot([reference[0]], [reference[1]], marker="x", color="0.3", linestyle="none", zorder=3,
+                    label="HV reference", gid=REFERENCE)
+        if not x_higher:
+            ax.invert_xaxis()
+        if not y_higher:
+            ax.invert_yaxis()
+        ax.margins(0.08)
+        named = [i for i, t in enumerate(labels) if t]
+        if named and len(named) <= 16:  # only the front's points are named: a cloud of labels would overlap
+            position = np.array(xs)[named] * (1 if x_higher else -1)
+            middle = (position.min() + position.max()) / 2
+            place_labels(fig, ax, np.array(xs)[named], np.array(ys)[named], [_wrap(labels[i], 16) for i in named],
+                         point_left=position > middle)
+        if note:
+            ax.text(0.02, 0.02, note, transform=ax.transAxes, va="bottom", fontsize=7, color="0.3")
+        def name(key: str, higher: bool) -> str:  # an inverted axis says so: lower values sit up / right
+            base = axis_label(key).replace(" (lower is better)", "")
+            return base if higher else f"{base} (lower is better; axis inverted)"
+
+        ax.set_xlabel(name(xkey, x_higher))
+        ax.set_ylabel(_wrap(name(ykey, y_higher), 34))
+        _legend(ax)
+    n_points = [p for points in series.values() for p in points]
+    caption = (f"Stability–plasticity front: {axis_label(ykey)} against {axis_label(xkey)}, one point per setting "
+               f"(mean over seeds, bars: 95% t-intervals; {_n_text(n_points)}); dashed: the Pareto front over all "
+               "settings, its points named by their knobs; better is up and to the right" + ("; ×: the hypervolume reference point" if reference is not None else "") + ".")
+    return _done(fig, caption, save_to)
+
+
+def intervals(rows: Sequence[Mapping], statistics: Sequence[str], xlabel: str, save_to: str | Path | None = None) -> Plot:
+    """Aggregate estimates with their intervals: one panel per statistic (e.g. IQM, mean), one row per
+    method; rows carry "label" and per statistic a dict {"value", "low", "high"}."""
+    with style():
+        fig = Figure(figsize=(2.4 * len(statistics) + 1.4, 0.35 * len(rows) + 1.1))
+        axes = fig.subplots(1, len(statistics), sharey=True, squeeze=False)[0]
+        labels = [r["label"] for r in rows]
+        for a, (ax, name) in enumerate(zip(axes, statistics)):
+            for i, r in enumerate(rows):
+                s = r[name]
+                colour = OKABE_ITO[i % len(OKABE_ITO)]
+                if math.isfinite(s.get("low", math.nan)):
+                    ax.plot([s["low"], s["high"]], [i, i], color=colour, linewidth=5, alpha=0.45, solid_capstyle="butt")
+                ax.plot([s["value"]], [i], marker="|", markersize=10, color=colour, gid=DATA)
+            ax.set_title(name)
+            ax.grid(True, axis="x")
+            ax.grid(False, axis="y")
+            ax.set_xlabel(xlabel)
+            ax.margins(x=0.1)
+        axes[0].set_yticks(range(len(labels)), labels)
+        axes[0].set_ylim(len(labels) - 0.5, -0.5)
+    caption = (f"{', '.join(statistics)} of {xlabel} per method over all tasks and seeds; bars: 95% stratified "
+               "bootstrap intervals (Agarwal et al. 2021).")
+    return _done(fig, caption, save_to)
+
+
+def profiles(curves: Mapping[str, Mapping], xlabel: str, save_to: str | Path | None = None) -> Plot:
+    """Performance profiles: per method (name → {"taus", "profile", "low", "high"}) the fraction of
+    runs scoring above τ, with its bootstrap band."""
+    with style():
+        fig = Figure()
+        ax = fig.add_subplot()
+        ax.grid(True, axis="both")
+        for s, (name, c) in enumerate(curves.items()):
+            colour = OKABE_ITO[s % len(OKABE_ITO)]
+            ax.plot(c["taus"], c["profile"], color=colour, label=_wrap(name, 24), gid=DATA,
+                    linestyle=["-", "--", "-.", ":"][s % 4])
+            if np.isfinite(c["low"]).any():
+                ax.fill_between(c["taus"], c["low"], c["high"], color=colour, alpha=0.15, linewidth=0)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"{xlabel} threshold τ")
+        ax.set_ylabel("fraction of runs with score > τ")
+        _legend(ax)
+    caption = (f"Performance profiles: the fraction of runs (each task weighted equally) whose {xlabel} exceeds τ; "
+               "bands: 95% stratified bootstrap (Agarwal et al. 2021).")
+    return _done(fig, caption, save_to)

@@ -1,5 +1,11 @@
 """Ablation report: a sweep directory in, the table a paper needs out.
 
+Sections beyond the table (each its own module): tuning.py (each arm tuned on validation, then
+compared: `--tune`, on by default when an arm's hyper-parameters vary), evidence.py (stability,
+efficiency, generalization, paired comparisons, transferability), front.py (the stability–plasticity
+front and hypervolumes) and aggregate.py (IQM, probability of improvement and performance profiles
+across target tasks).
+
 `transferlab report <sweep_dir> [--out DIR]` (or `write_report`) reads every `results.json` under
 the sweep directory (any depth) and groups the runs into *settings*: the swept overrides minus the
 seed (from each job's `.hydra/overrides.yaml`, dropping `seed=…` and overrides every job shares),
@@ -58,7 +64,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from transferlab import figures
+from transferlab import aggregate, figures, front, tuning
 from transferlab.errors import TransferlabError
 from transferlab.evidence import evidence_sections, is_number, slug
 from transferlab.results import RESULTS_FILE, natural_key
@@ -688,7 +694,9 @@ def plot_tradeoff(rows: list[dict], plot_dir: Path) -> list[Path]:
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, baseline: str | None = None,
-                 metrics: list[str] | None = None) -> dict[str, Path]:
+                 metrics: list[str] | None = None, tune: bool | None = None, selection_seeds: str | None = None,
+                 tune_keys: list[str] | None = None, front_reference: tuple[float, float] | None = None,
+                 task_keys: list[str] | None = None) -> dict[str, Path]:
     """Write report.md (the table, pairing, failures, then the evidence sections: stability,
     efficiency, generalization, paired comparisons against `baseline` — of `metrics`, default
     every reported one: the headline, OOD, source after, forgetting —, the source task per seed,
@@ -706,7 +714,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, basel
     plots = plot_metrics_by_key(rows, out / "plots") + plot_tradeoff(rows, out / "plots")
     figure_lines = ["", "## Figures", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots
                                               if p.suffix == ".png"]
-    sections = evidence_sections(runs, out, baseline, metrics)
+    sections = []
+    if tune or (tune is None and tuning.is_tuning_sweep(runs, tune_keys)):
+        sections += [""] + tuning.tuning_section(runs, out / "plots", out, baseline, selection_seeds, tune_keys, metrics)
+        baseline = None if baseline is None else _setting_or_none(runs, baseline)
+    sections += evidence_sections(runs, out, baseline, metrics)
+    for part in (front.front_section(runs, out / "plots", out, front_reference, tune_keys),
+                 aggregate.aggregate_section(runs, out / "plots", out, baseline, task_keys)):
+        sections += ([""] + part) if part else []
     (out / "report.md").write_text(markdown_report(rows, runs, sweep_dir, sections + figure_lines))
     write_csv(rows, out / "report.csv")
     (out / "report.tex").write_text(latex_table(rows, sweep_dir))
@@ -714,6 +729,13 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, basel
     for path in [*plots, *sorted((out / "plots").glob("*.*"))] if (out / "plots").is_dir() else plots:
         written[path.relative_to(out).as_posix()] = path
     return written
+
+
+def _setting_or_none(runs: list[dict], baseline: str) -> str | None:
+    """In a tuning report `--baseline` names an arm; the per-setting comparison then takes it only
+    when it is also a setting (else its default baseline)."""
+    names = {r["setting"] for r in runs} | {r.get("setting_overrides") for r in runs}
+    return baseline if baseline in names else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -728,7 +750,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", action="append", default=None, metavar="KEY",
                         help="a metric the paired comparison covers (repeat for several; default: every reported "
                              "one — target test, OOD test, source after, forgetting)")
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                        help="tune each arm on validation, then compare the selected settings (default: on when an "
+                             "arm's hyper-parameters vary within the sweep; see transferlab.tuning)")
+    parser.add_argument("--selection-seeds", default=None, metavar="SEEDS",
+                        help="seeds that select each arm's setting: auto (default), all (reuse every seed), or a "
+                             "list such as 0-4 or 0,1,2 (the comparison uses the others)")
+    parser.add_argument("--tune-key", action="append", default=None, metavar="KEY",
+                        help="a swept key that is a hyper-parameter to tune (repeat; default: the swept keys under "
+                             "target, regularizer, freeze, optimizer, scheduler)")
+    parser.add_argument("--front-reference", default=None, metavar="X,Y",
+                        help="the hypervolume reference point (retention, target metric), in the metrics' units "
+                             "(default: the worst observed on each axis)")
+    parser.add_argument("--task-key", action="append", default=None, metavar="KEY",
+                        help="a swept key that names the target task, for the aggregates across tasks (repeat; "
+                             "default: data, experiment)")
+    parser.add_argument("--dpi", type=int, default=None,
+                        help=f"PNG resolution of the figures (default {figures.DPI}; 300 for print)")
     args = parser.parse_args(argv)
+    if args.dpi is not None:
+        figures.DPI = args.dpi
+    try:
+        reference = front.parse_reference(args.front_reference)
+    except ValueError:
+        print(f"transferlab report: error: --front-reference {args.front_reference}: expected two numbers X,Y "
+              "(retention, target metric)", file=sys.stderr)
+        return 2
     found = sorted(args.sweep_dir.rglob(RESULTS_FILE)) if args.sweep_dir.is_dir() else []
     unreadable = [p for p in found if str(load_run(str(p.parent), ".")["error"]).startswith("unreadable ")]
     if found and len(unreadable) == len(found):  # a report of nothing but failures to read: say so
@@ -736,7 +783,9 @@ def main(argv: list[str] | None = None) -> int:
               f"can be read (e.g. {found[0]}): nothing to report", file=sys.stderr)
         return 2
     try:
-        written = write_report(args.sweep_dir, args.out, args.baseline, args.metric)
+        written = write_report(args.sweep_dir, args.out, args.baseline, args.metric, tune=args.tune,
+                               selection_seeds=args.selection_seeds, tune_keys=args.tune_key,
+                               front_reference=reference, task_keys=args.task_key)
     except TransferlabError as e:
         print(f"transferlab report: error: {e}", file=sys.stderr)
         return 2

@@ -203,3 +203,204 @@ def rank_correlation(scores: Sequence, outcomes: Sequence) -> dict:
 
 def _present(value) -> bool:
     return value is not None and not math.isnan(float(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stability–plasticity front: Pareto front and hypervolume in two objectives
+#
+# Points are (x, y) pairs; `maximize` says per axis whether larger is better (retention as source
+# accuracy: yes; as source perplexity after transfer or as forgetting: no). Internally each axis is
+# oriented so that larger is better.
+
+
+def _oriented(points, maximize: tuple[bool, bool]) -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return p * np.array([1.0 if maximize[0] else -1.0, 1.0 if maximize[1] else -1.0])
+
+
+def pareto_front(points, maximize: tuple[bool, bool] = (True, True)) -> list[int]:
+    """Indices of the non-dominated points, in input order. A point is dominated when another is
+    at least as good on both axes and better on one; exact duplicates both stay on the front.
+    Points with a NaN coordinate are never on it."""
+    p = _oriented(points, maximize)
+    ok = np.isfinite(p).all(axis=1)
+    front = []
+    for i in np.flatnonzero(ok):
+        others = p[ok]
+        dominated = np.any(np.all(others >= p[i], axis=1) & np.any(others > p[i], axis=1))
+        if not dominated:
+            front.append(int(i))
+    return front
+
+
+def hypervolume(points, reference, maximize: tuple[bool, bool] = (True, True)) -> float:
+    """The area dominated by `points` and bounded by `reference` (2 objectives): the measure of
+    the union of the boxes [reference, point] over the points better than the reference on both
+    axes (the others add nothing). 0 for no such point."""
+    p = _oriented(points, maximize)
+    r = _oriented([reference], maximize)[0]
+    p = p[np.isfinite(p).all(axis=1) & (p[:, 0] > r[0]) & (p[:, 1] > r[1])]
+    if not len(p):
+        return 0.0
+    p = p[np.lexsort((-p[:, 1], -p[:, 0]))]  # x descending, then y descending
+    area, top = 0.0, r[1]
+    for x, y in p:  # sweeping from the right: each point adds the strip above what is covered
+        if y > top:
+            area += (x - r[0]) * (y - top)
+            top = y
+    return float(area)
+
+
+def worst_point(points, maximize: tuple[bool, bool] = (True, True)) -> tuple[float, float]:
+    """The worst observed value on each axis (the default hypervolume reference), in the data's units."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    p = p[np.isfinite(p).all(axis=1)]
+    return (float(p[:, 0].min() if maximize[0] else p[:, 0].max()),
+            float(p[:, 1].min() if maximize[1] else p[:, 1].max()))
+
+
+def reference_is_valid(reference, points, maximize: tuple[bool, bool] = (True, True)) -> bool:
+    """Whether every point is at least as good as `reference` on both axes (the reference bounds
+    the data), so that no observed point is cut off by it."""
+    p = _oriented(points, maximize)
+    r = _oriented([reference], maximize)[0]
+    p = p[np.isfinite(p).all(axis=1)]
+    return bool(np.all(np.isfinite(r)) and np.all(p >= r))
+
+
+def bootstrap_hypervolume(xs, ys, reference, maximize: tuple[bool, bool] = (True, True), reps: int = 2000,
+                          confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """The hypervolume of one method's points with a percentile bootstrap interval over seeds.
+
+    xs, ys: arrays (points × seeds) of per-seed values, NaN where a point has no run for a seed;
+    column j is the same seed for every point. Each replicate draws the seeds with replacement
+    (one draw of seed columns shared by all the method's points: a seed's runs stay together),
+    takes each point's mean over the drawn seeds it has, and computes the hypervolume against the
+    fixed `reference`. Returns {"hv": of the means over all seeds, "low", "high", "n_seeds", "reps"};
+    no interval (NaN) with fewer than 2 seeds."""
+    xs, ys = np.atleast_2d(np.asarray(xs, dtype=np.float64)), np.atleast_2d(np.asarray(ys, dtype=np.float64))
+    present = np.isfinite(xs) & np.isfinite(ys)
+    n_seeds = int(present.any(axis=0).sum())
+
+    def means(weights: np.ndarray) -> np.ndarray:  # weights (seeds,) → (points, 2)
+        w = present * weights
+        total = w.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mx = np.where(present, xs, 0.0) @ weights / total
+            my = np.where(present, ys, 0.0) @ weights / total
+        return np.column_stack([mx, my])
+
+    hv = hypervolume(means(np.ones(xs.shape[1])), reference, maximize)
+    result = {"hv": hv, "low": math.nan, "high": math.nan, "n_seeds": n_seeds, "reps": 0}
+    if n_seeds < 2:
+        return result
+    columns = np.flatnonzero(present.any(axis=0))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(columns), size=(reps, len(columns)))
+    samples = np.empty(reps)
+    for b in range(reps):
+        weights = np.zeros(xs.shape[1])
+        np.add.at(weights, columns[draws[b]], 1.0)
+        samples[b] = hypervolume(means(weights), reference, maximize)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return result | {"low": float(low), "high": float(high), "reps": reps}
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregates across tasks (Agarwal et al., "Deep RL at the edge of the statistical precipice",
+# NeurIPS 2021; the statistics of the `rliable` package, on numpy/scipy)
+#
+# A method's scores are a list with one 1-D array per task: that task's runs (one per seed),
+# normalized so that higher is better and tasks are on one scale. Point estimates pool every run of
+# every task; intervals are percentile intervals of a *stratified* bootstrap: each replicate
+# redraws, within each task separately, as many runs as the task has (with replacement), so every
+# replicate keeps each task's share. Draw order (for reproducibility): per replicate block, task by
+# task, one rng.integers(0, n_task, (reps, n_task)) call.
+
+
+def iqm(values) -> float:
+    """Interquartile mean: the mean of the middle 50% of the values (scipy's trim_mean with 25%
+    cut from each end: ⌊n/4⌋ values dropped at each end)."""
+    x = finite(np.ravel(values))
+    return float(stats.trim_mean(x, 0.25)) if len(x) else math.nan
+
+
+def _stratified_draws(scores: Sequence, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """(reps, total runs): every replicate's resampled runs, task by task."""
+    return np.concatenate([np.asarray(s, dtype=np.float64)[rng.integers(0, len(s), size=(reps, len(s)))]
+                           for s in scores], axis=1)
+
+
+def _percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def aggregate_interval(scores: Sequence, statistic: str = "iqm", reps: int = 2000,
+                       confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """statistic ("iqm" or "mean") of a method's runs pooled over tasks, with a stratified
+    bootstrap percentile interval. scores: one array of runs per task (empty tasks dropped).
+    Returns {"value", "low", "high", "n_runs", "n_tasks"}; no interval when every task has one run."""
+    scores = [finite(s) for s in scores]
+    scores = [s for s in scores if len(s)]
+    pooled = np.concatenate(scores) if scores else np.array([])
+    fn = {"iqm": lambda a: stats.trim_mean(a, 0.25, axis=-1), "mean": lambda a: np.mean(a, axis=-1)}[statistic]
+    result = {"value": float(fn(pooled)) if len(pooled) else math.nan, "low": math.nan, "high": math.nan,
+              "n_runs": len(pooled), "n_tasks": len(scores)}
+    if not scores or max(len(s) for s in scores) < 2:
+        return result
+    samples = fn(_stratified_draws(scores, reps, np.random.default_rng(seed)))
+    low, high = _percentile_interval(samples, confidence)
+    return result | {"low": float(low), "high": float(high)}
+
+
+def _poi(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """P(X > Y) + ½P(X = Y) over the last two axes' pairs: x (..., n), y (..., m) → (...)."""
+    diff = x[..., :, None] - y[..., None, :]
+    return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(-1, -2))
+
+
+def probability_of_improvement(x_scores: Sequence, y_scores: Sequence, reps: int = 2000,
+                               confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """P(X > Y): the probability that a run of method X beats a run of method Y on a task drawn at
+    random — per task the Mann–Whitney U statistic over N·M (ties count ½), averaged over the tasks
+    both have runs on; a stratified bootstrap interval (X's and Y's runs redrawn within each task).
+    x_scores, y_scores: one array of runs per task, aligned by task."""
+    pairs = [(finite(x), finite(y)) for x, y in zip(x_scores, y_scores)]
+    pairs = [(x, y) for x, y in pairs if len(x) and len(y)]
+    result = {"value": math.nan, "low": math.nan, "high": math.nan, "n_tasks": len(pairs)}
+    if not pairs:
+        return result
+    result["value"] = float(np.mean([_poi(x, y) for x, y in pairs]))
+    if max(max(len(x), len(y)) for x, y in pairs) < 2:
+        return result
+    rng = np.random.default_rng(seed)
+    per_task = []
+    for x, y in pairs:
+        xb = x[rng.integers(0, len(x), size=(reps, len(x)))]
+        yb = y[rng.integers(0, len(y), size=(reps, len(y)))]
+        per_task.append(_poi(xb, yb))
+    low, high = _percentile_interval(np.mean(per_task, axis=0), confidence)
+    return result | {"low": float(low), "high": float(high)}
+
+
+def performance_profile(scores: Sequence, taus, reps: int = 2000, confidence: float = CONFIDENCE,
+                        seed: int = 0) -> dict:
+    """The run-score distribution: for each threshold τ, the fraction of runs scoring above τ —
+    per task, then averaged over tasks (each task weighs the same, whatever its number of runs) —
+    with a stratified bootstrap band. Returns {"taus", "profile", "low", "high"} (arrays)."""
+    taus = np.asarray(taus, dtype=np.float64)
+    scores = [finite(s) for s in scores]
+    scores = [s for s in scores if len(s)]
+    nan = np.full(len(taus), math.nan)
+    if not scores:
+        return {"taus": taus, "profile": nan, "low": nan, "high": nan}
+    profile = np.mean([(s[:, None] > taus).mean(axis=0) for s in scores], axis=0)
+    if max(len(s) for s in scores) < 2:
+        return {"taus": taus, "profile": profile, "low": nan, "high": nan}
+    rng = np.random.default_rng(seed)
+    per_task = [(s[rng.integers(0, len(s), size=(reps, len(s)))][:, :, None] > taus).mean(axis=1) for s in scores]
+    low, high = _percentile_interval(np.mean(per_task, axis=0), confidence)
+    return {"taus": taus, "profile": profile, "low": low, "high": high}
