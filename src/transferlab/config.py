@@ -188,6 +188,9 @@ class EvaluateConfig:
     # for each α, evaluated on target val / test and the source test; α is selected on val.
     # Empty: off. E.g. [0, 0.25, 0.5, 0.75, 1].
     wise_ft_alphas: List[float] = field(default_factory=list)
+    # Where fine-tuning moved the backbone (diagnostics.py): per block, ‖θ−θ₀‖/‖θ₀‖, the effective
+    # rank of each weight matrix's change, linear CKA of start vs tuned features on target val.
+    diagnostics: bool = True
 
 
 @dataclass

@@ -27,6 +27,7 @@ from transferlab.config import validate
 from transferlab.data import TransferData, make_transfer_data
 from transferlab.data.loaders import EVAL_BATCH, eval_batch, make_loader
 from transferlab.data.text import tokenize_transfer_data
+from transferlab.diagnostics import weight_diagnostics
 from transferlab.errors import ConfigError, Preempted, TransferlabError, user_message
 from transferlab.method import MethodContext
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
@@ -141,7 +142,9 @@ def same_config(previous: dict, current: dict) -> bool:
 # Keys added since runs were first recorded, with the value that reproduces what those runs did.
 NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
                     ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER,
-                    ("evaluate",): {"transferability": True, "wise_ft_alphas": []}, ("data", "ood_test_size"): 2000}
+                    ("evaluate",): {"transferability": True, "wise_ft_alphas": [], "diagnostics": True},
+                    ("evaluate", "diagnostics"): True,  # a measurement added since: it trains nothing differently
+                    ("data", "ood_test_size"): 2000}
 
 
 def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) -> dict:
@@ -243,10 +246,14 @@ def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> t
     # The target stage starts from its own seed, so it is the same whether the source stage
     # was trained just now, loaded from the cache, or skipped (scratch).
     pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
-    if cfg.evaluate.wise_ft_alphas:
-        context.start_weights  # noqa: B018  the snapshot WiSE-FT interpolates from, before any step
+    if cfg.evaluate.wise_ft_alphas or cfg.evaluate.diagnostics:
+        context.start_weights  # noqa: B018  the snapshot WiSE-FT / diagnostics compare with, before any step
+    if context.task.kind == "language_modeling":
+        start_language_model_stage(cfg, setup, context, metrics)
     target_model = target_stage(cfg, setup, run_dir, context, cache, metrics)
     evaluation_stage(cfg, setup, target_model, source_model, context, metrics)
+    if cfg.evaluate.diagnostics:  # before WiSE-FT, which swaps the weights (and restores them)
+        diagnostics_stage(cfg, setup, context, metrics)
     if cfg.evaluate.wise_ft_alphas:
         wise_ft_stage(cfg, setup, target_model, source_model, context, metrics)
     return metrics, context.task.describe(majority_test=majority_score(context.task, setup.data))
@@ -364,6 +371,17 @@ def transferability_stage(cfg, setup: Setup, context: MethodContext, metrics: di
     metrics["time/transferability_s"] = round(time.time() - started, 3)
 
 
+@torch.no_grad()
+def start_language_model_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
+    """The start model on the target test split: what continued training improves on (a language
+    model has a target metric before any target training; `transfer/target_gain` is the change)."""
+    head = context.source_head if context.source_head is not None else setup.backbone.language_model_head()
+    start = TaskModule(setup.backbone, head, stage="target", task=context.task, lr=0.0)
+    test = make_loader(setup.data.target.test, eval_batch(setup.data.target), shuffle=False)
+    scores = context.task.evaluate(start.to(stage_device(cfg.trainer)), test)
+    metrics.update({f"target/test_{k}_before": v for k, v in scores.items()})
+
+
 def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, cache: StageCache | None, metrics: dict):
     started = time.time()
     target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer, run_dir,
@@ -387,6 +405,10 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
                               num_workers=cfg.data.num_workers)
     scores = context.task.evaluate(target_model.to(device), target_test)
     metrics.update({f"target/test_{k}": v for k, v in scores.items()})
+    if f"target/test_{context.task.primary}_before" in metrics:  # a language model: its gain from continued training
+        before = metrics[f"target/test_{context.task.primary}_before"]
+        metrics["transfer/target_gain"] = before - scores[context.task.primary] if not context.task.higher_is_better \
+            else scores[context.task.primary] - before
     if data.target.ood_test is not None:  # generalization: held-out domains or a shifted test split
         ood = context.task.evaluate(target_model, make_loader(data.target.ood_test, eval_batch(data.target),
                                                               shuffle=False))
@@ -404,6 +426,15 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
     metrics["params/total"] = count(setup.backbone) + count(target_model.head) + extra
     metrics["params/trainable"] = (count(target_model.head) + extra
                                    + setup.freeze.trainable_backbone_params(setup.backbone, cfg.target.epochs))
+
+
+def diagnostics_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
+    """Where the target stage moved the backbone, block by block (never fails a run: a value it
+    cannot compute is null, with one warning)."""
+    started = time.time()
+    val = make_loader(setup.data.target.val, eval_batch(setup.data.target), shuffle=False)
+    metrics.update(weight_diagnostics(setup.backbone.to(stage_device(cfg.trainer)), context.start_weights, val))
+    metrics["time/diagnostics_s"] = round(time.time() - started, 3)
 
 
 @torch.no_grad()
@@ -522,8 +553,8 @@ def format_summary(results: dict) -> str:
     fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     rows = [("status", results["status"])]
     keys = ["target/test_f1", "target/val_f1"] if "target/test_f1" in m else []
-    keys += ["target/test_ppl", "target/test_nll", "target/val_ppl", "source/test_ppl_before",
-             "source/test_ppl_after"] if "target/test_ppl" in m else []
+    keys += ["target/test_ppl_before", "target/test_ppl", "target/test_nll", "target/val_ppl",
+             "source/test_ppl_before", "source/test_ppl_after"] if "target/test_ppl" in m else []
     keys += ["target/test_acc", "target/test_macro_f1", "target/val_acc", "target/best_epoch",
              "source/test_acc_before", "source/test_acc_after", "transfer/forgetting",
              "transfer/forgetting_relative", "params/trainable", "params/total"]
