@@ -260,3 +260,17 @@ def test_real_smollm2_runs_each_kind(tmp_path, models_dir, kind):
     assert results["status"] == "completed" and math.isfinite(m[primary])
     if kind.startswith("lm"):
         assert math.isfinite(m["transfer/forgetting"]) and m["source/test_ppl_before"] > 1.0
+
+
+def test_a_search_that_maximizes_a_perplexity_is_refused():
+    from omegaconf import OmegaConf
+
+    from transferlab.cli import objective
+
+    cfg = OmegaConf.create({"optimized_metric": None})
+    lm = {"task": {"primary_metric": "ppl", "higher_is_better": False}, "metrics": {"target/val_ppl": 80.0}}
+    assert objective(cfg, lm, "minimize") == 80.0 and objective(cfg, lm, None) == 80.0
+    with pytest.raises(ConfigError, match="hydra.sweeper.direction=maximize, but target/val_ppl is better when lower"):
+        objective(cfg, lm, "maximize")
+    accuracy = {"task": {"primary_metric": "acc", "higher_is_better": True}, "metrics": {"target/val_acc": 0.9}}
+    assert objective(cfg, accuracy, "maximize") == 0.9

@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import register_schemas
+from transferlab.errors import ConfigError
 
 log = logging.getLogger("transferlab")
 
@@ -84,7 +85,11 @@ def hydra_entry(cfg: DictConfig) -> float | None:
         if (run_dir / "wandb").is_dir():
             print(f"  W&B runs (offline): {run_dir / 'wandb'}  — upload: wandb sync {run_dir / 'wandb'}/offline-run-*")
         print()
-    return objective(cfg, results)
+    try:
+        return objective(cfg, results, hydra_cfg.get("sweeper", {}).get("direction"))
+    except ConfigError as e:  # the search itself is misconfigured: stop it after this first trial
+        print(f"transferlab: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def job_line(hydra_cfg, status: str, wall_s: float, results: dict | None = None) -> str:
@@ -99,13 +104,17 @@ def job_line(hydra_cfg, status: str, wall_s: float, results: dict | None = None)
     return "  ".join(parts)
 
 
-def objective(cfg: DictConfig, results: dict) -> float | None:
+def objective(cfg: DictConfig, results: dict, direction: str | None = None) -> float | None:
     """The value a sweeper optimizes: `optimized_metric`, else the task's primary validation
-    metric (Optuna maximizes it)."""
+    metric. An Optuna `direction` against the primary metric's (maximizing a perplexity) is refused."""
     task = results.get("task") or {}
     name = cfg.optimized_metric or (f"target/val_{task['primary_metric']}" if task.get("primary_metric") else None)
     if name is None:
         return None
+    wanted = "maximize" if task.get("higher_is_better", True) else "minimize"
+    if direction in ("maximize", "minimize") and direction != wanted and name.endswith(f"_{task.get('primary_metric')}"):
+        raise ConfigError(f"hydra.sweeper.direction={direction}, but {name} is better when "
+                          f"{'higher' if wanted == 'maximize' else 'lower'}: set hydra.sweeper.direction={wanted}")
     value = results["metrics"].get(name)
     if value is None:
         log.error("optimized_metric=%s: not among this run's metrics (%s)", name, ", ".join(sorted(results["metrics"])))

@@ -8,7 +8,8 @@ all go through `Task.evaluate` / `Task.tally`, so there is one scoring path per 
   exact span and type) and accuracy over scored words; tag sequences are gathered across ranks;
   primary metric `f1`.
 - `LanguageModeling`: next-token cross-entropy over the scored tokens (`nll`, nats per token, a
-  sum and a count across ranks) and perplexity exp(nll); primary metric `ppl`, lower is better.
+  sum and a count across ranks), perplexity exp(nll) and `token_acc` (scored tokens ranked first);
+  primary metric `ppl`, lower is better.
 
 `higher_is_better` is the primary metric's direction: selection, early stopping, WiSE-FT's α,
 forgetting's sign and the report (results.json's task block) all follow it.
@@ -209,16 +210,21 @@ class LanguageModeling(Task):
     def scored(self, y: torch.Tensor) -> int:
         return int((y[:, 1:] != IGNORE).sum())
 
-    def new_tally(self) -> tuple[float, int]:
-        return 0.0, 0
+    def new_tally(self) -> tuple[float, int, int]:
+        return 0.0, 0, 0  # summed nll, scored tokens, tokens predicted exactly (argmax)
 
     def add(self, tally, logits: torch.Tensor, y: torch.Tensor):
-        return tally[0] + float(self.loss(logits.float(), y, reduction="sum")), tally[1] + self.scored(y)
+        target = y[:, 1:]
+        correct = int(((logits[:, :-1].argmax(-1) == target) & (target != IGNORE)).sum())
+        return (tally[0] + float(self.loss(logits.float(), y, reduction="sum")), tally[1] + self.scored(y),
+                tally[2] + correct)
 
     def scores(self, tally) -> dict[str, float]:
-        total, count = sum_across_ranks([tally[0], float(tally[1])])
+        total, count, correct = sum_across_ranks([tally[0], float(tally[1]), float(tally[2])])
         nll = total / count if count else float("nan")
-        return {"ppl": float(np.exp(nll)), "nll": nll}
+        # token_acc: the share of scored next tokens the model ranks first (for instruction data:
+        # of the answers' tokens)
+        return {"ppl": float(np.exp(nll)), "nll": nll, "token_acc": correct / count if count else float("nan")}
 
     def majority_score(self, train_y, test_y) -> None:
         return None  # no majority-class floor for next-token prediction

@@ -90,6 +90,36 @@ def next_token_labels(tokens: Tokens) -> tuple[Tokens, TokenLabels]:
     return tokens, TokenLabels(labels, tokens.attention_mask)
 
 
+def tokenize_chat(pairs, tokenizer, max_length: int) -> tuple[Tokens, TokenLabels]:
+    """(prompt, answer) pairs as the model's chat: the user turn and the assistant turn through the
+    tokenizer's chat template; only the assistant's tokens (its answer and end-of-turn) are
+    scored. A pair whose prompt alone fills `max_length` is refused rather than silently unscored."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data: instruction data needs a chat template, and {type(tokenizer).__name__} "
+                          f"({tokenizer.name_or_path}) has none: use a chat model (backbone=smollm2) or plain text")
+    ids, labels = [], []
+    for prompt, answer in pairs:
+        user = [{"role": "user", "content": prompt}]
+        start = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+        whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=True,
+                                              return_dict=False)
+        if whole[:len(start)] != start:
+            raise ConfigError(f"data: {tokenizer.name_or_path}'s chat template does not extend the prompt when an "
+                              "answer follows; it cannot mark which tokens to score")
+        if len(start) >= max_length:
+            raise ConfigError(f"data.max_length={max_length}: a prompt of {len(start)} tokens leaves no room for its "
+                              "answer; raise data.max_length or shorten the instruction")
+        whole = whole[:max_length]
+        ids.append(whole)
+        labels.append([IGNORE] * len(start) + whole[len(start):])
+    width = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], dtype=torch.long)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], dtype=torch.long)
+    scored = torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels], dtype=torch.long)
+    return Tokens(input_ids, mask), TokenLabels(scored, mask)
+
+
 def tokenize_transfer_data(data: TransferData, tokenizer, max_length: int) -> TransferData:
     def task(t: TaskSplits | None):
         if t is None:
@@ -98,8 +128,9 @@ def tokenize_transfer_data(data: TransferData, tokenizer, max_length: int) -> Tr
             splits = {s: tokenize_words(*getattr(t, s), tokenizer, max_length) for s in t.evaluation_splits}
             return dataclasses.replace(t, **splits)
         if t.language_modeling:
-            splits = {s: next_token_labels(tokenize(getattr(t, s)[0], tokenizer, max_length))
-                      for s in t.evaluation_splits}
+            chat = len(t.train[0]) and isinstance(t.train[0][0], tuple)
+            splits = {s: tokenize_chat(getattr(t, s)[0], tokenizer, max_length) if chat else
+                      next_token_labels(tokenize(getattr(t, s)[0], tokenizer, max_length)) for s in t.evaluation_splits}
             return dataclasses.replace(t, **splits)
         splits = {s: (tokenize(getattr(t, s)[0], tokenizer, max_length), getattr(t, s)[1])
                   for s in t.evaluation_splits}
