@@ -46,7 +46,7 @@ def compose(args):
     register_schemas()
 
     overrides = ["data=tweets_lm", "backbone=smollm2", "source=pretrained", "logger=none", "cache=default",
-                 "evaluate.transferability=false", "target.epochs=1", f"target.batch_size={args.batch}",
+                 "evaluate.transferability=false", "evaluate.diagnostics=false", "target.epochs=1", f"target.batch_size={args.batch}",
                  f"data.target_train_size={args.batch * args.steps}", f"data.max_length={args.length}",
                  "data.val_fraction=0.0001", "data.test_size=1", "data.source_dataset=null",
                  f"target.lr={args.lr}", f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",

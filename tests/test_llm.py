@@ -274,3 +274,91 @@ def test_a_search_that_maximizes_a_perplexity_is_refused():
         objective(cfg, lm, "maximize")
     accuracy = {"task": {"primary_metric": "acc", "higher_is_better": True}, "metrics": {"target/val_acc": 0.9}}
     assert objective(cfg, accuracy, "maximize") == 0.9
+
+
+# -- instruction data: the chat template, only the answer scored -----------------------------------
+def test_chat_pairs_score_only_the_answer_and_need_a_template(llama_folder, tokenizer):
+    from transferlab.data.text import tokenize_chat
+
+    chat = transformers.AutoTokenizer.from_pretrained(llama_folder)
+    chat.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP] {% endfor %}"
+                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    pairs = np.empty(2, dtype=object)
+    pairs[:] = [("is this good? great crew", "positive"), ("and this? late again", "negative")]
+    tokens, labels = tokenize_chat(pairs, chat, 64)
+    for i, (prompt, answer) in enumerate(pairs):
+        scored = labels.labels[i][labels.labels[i] != IGNORE].tolist()
+        assert chat.decode(scored).replace(" ", "") == f"{answer}[SEP]"  # the answer and its end of turn
+        real = int(tokens.attention_mask[i].sum())
+        assert tokens.input_ids[i, :real].tolist()[-len(scored):] == scored
+    plain = transformers.AutoTokenizer.from_pretrained(llama_folder)
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="instruction data needs a chat template"):
+        tokenize_chat(pairs, plain, 64)
+    with pytest.raises(ConfigError, match="data.max_length=4: a prompt of"):
+        tokenize_chat(pairs, chat, 4)
+
+
+# -- lm-evaluation-harness on the model in memory ----------------------------------------------------
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Spain", "Madrid"),
+            ("Germany", "Berlin"), ("Egypt", "Cairo")]
+
+
+def capitals_task(folder):
+    """A multiple-choice lm-eval task from local files (how any task runs offline)."""
+    import json
+
+    cities = [c for _, c in CAPITALS]
+    with open(folder / "capitals.jsonl", "w") as f:
+        for country, city in CAPITALS:
+            f.write(json.dumps({"question": f"The capital of {country} is", "choices": cities,
+                                "answer": cities.index(city)}) + "\n")
+    (folder / "capitals.yaml").write_text(
+        "task: transferlab_capitals\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'capitals.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    return folder
+
+
+def test_the_harness_sees_the_trained_weights_without_a_copy(llama_folder, tokenizer):
+    pytest.importorskip("lm_eval")
+    from transferlab.harness import causal_lm
+
+    backbone = HFDecoder(str(llama_folder)).eval()
+    head = backbone.language_model_head()
+    model = causal_lm(backbone, head).eval()
+    x, _ = lm_batch(tokenizer)
+    real = x["attention_mask"].bool()  # padding positions: each side masks them its own way, never read
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits[real], head(backbone.token_features(x))[real])
+        backbone.model.norm.weight.mul_(2.0)  # a change to the backbone is a change to what lm-eval runs
+        torch.testing.assert_close(model(**x).logits[real], head(backbone.token_features(x))[real])
+    assert {id(p) for p in model.parameters()} == {id(p) for p in [*backbone.parameters(), *head.parameters()]}
+
+
+def test_lm_eval_tasks_are_scored_before_and_after(tmp_path, llama_folder):
+    pytest.importorskip("lm_eval")
+    tasks = capitals_task(tmp_path)
+    cfg = lm_config(tmp_path, llama_folder, "evaluate.lm_eval.tasks=[transferlab_capitals]",
+                    f"evaluate.lm_eval.include_path={tasks}", "target.epochs=1")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    before, after = m["lm_eval/transferlab_capitals/acc_before"], m["lm_eval/transferlab_capitals/acc_after"]
+    assert before in [i / 6 for i in range(7)] and after in [i / 6 for i in range(7)]
+    assert m["lm_eval/transferlab_capitals/acc_change"] == pytest.approx(after - before)
+    with pytest.raises(ConfigError, match="no lm-eval task named 'no_such_task'"):
+        run_experiment(lm_config(tmp_path, llama_folder, "evaluate.lm_eval.tasks=[no_such_task]"), tmp_path / "r2")
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_real_smollm2_knows_capitals_through_lm_eval(models_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    from transferlab.backbones.smollm2 import SmolLM2
+    from transferlab.harness import evaluate_harness
+
+    backbone = SmolLM2(str(models_dir)).eval()
+    scores = evaluate_harness(backbone, backbone.language_model_head(), ["transferlab_capitals"], limit=None,
+                              num_fewshot=0, include_path=str(capitals_task(tmp_path)), batch_size=8,
+                              device=torch.device("cpu"))
+    assert scores["transferlab_capitals/acc"] >= 5 / 6  # a random choice: 1/6

@@ -180,6 +180,17 @@ class CacheConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    # lm-evaluation-harness tasks scored before and after the target stage (a language model
+    # backbone; pip install -e '.[lmeval]'). Empty: off.
+    tasks: List[str] = field(default_factory=list)
+    limit: Optional[float] = None  # examples per task (a float < 1: a fraction); null: all
+    num_fewshot: Optional[int] = None  # null: each task's own default
+    include_path: Optional[str] = None  # a folder of your own task YAMLs (local data_files: offline)
+    batch_size: int = 8
+
+
+@dataclass
 class EvaluateConfig:
     # LogME, LEEP, NCE and H-score of the target training set's features at the start of the
     # target stage (one forward pass, no training): does the start point look transferable?
@@ -191,6 +202,7 @@ class EvaluateConfig:
     # Where fine-tuning moved the backbone (diagnostics.py): per block, ‖θ−θ₀‖/‖θ₀‖, the effective
     # rank of each weight matrix's change, linear CKA of start vs tuned features on target val.
     diagnostics: bool = True
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from transferlab.data.loaders import EVAL_BATCH, eval_batch, make_loader
 from transferlab.data.text import tokenize_transfer_data
 from transferlab.diagnostics import weight_diagnostics
 from transferlab.errors import ConfigError, Preempted, TransferlabError, user_message
+from transferlab.harness import evaluate_harness
 from transferlab.method import MethodContext
 from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
 from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method_statistics, obtain_source, obtain_target
@@ -139,11 +140,14 @@ def same_config(previous: dict, current: dict) -> bool:
     return comparable(previous) == comparable(without_new_neutral_keys(current, previous))
 
 
+LM_EVAL_OFF = {"tasks": [], "limit": None, "num_fewshot": None, "include_path": None, "batch_size": 8}
 # Keys added since runs were first recorded, with the value that reproduces what those runs did.
 NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
                     ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER,
-                    ("evaluate",): {"transferability": True, "wise_ft_alphas": [], "diagnostics": True},
+                    ("evaluate",): {"transferability": True, "wise_ft_alphas": [], "diagnostics": True,
+                                    "lm_eval": LM_EVAL_OFF},
                     ("evaluate", "diagnostics"): True,  # a measurement added since: it trains nothing differently
+                    ("evaluate", "lm_eval"): LM_EVAL_OFF,
                     ("data", "ood_test_size"): 2000}
 
 
@@ -250,8 +254,14 @@ def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> t
         context.start_weights  # noqa: B018  the snapshot WiSE-FT / diagnostics compare with, before any step
     if context.task.kind == "language_modeling":
         start_language_model_stage(cfg, setup, context, metrics)
+    if cfg.evaluate.lm_eval.tasks:
+        lm_head = context.source_head if context.source_head is not None else setup.backbone.language_model_head()
+        harness_stage(cfg, setup, lm_head, "before", metrics)
     target_model = target_stage(cfg, setup, run_dir, context, cache, metrics)
     evaluation_stage(cfg, setup, target_model, source_model, context, metrics)
+    if cfg.evaluate.lm_eval.tasks:  # a language-modeling target trained its head: that one; else the kept one
+        harness_stage(cfg, setup, target_model.head if context.task.kind == "language_modeling" else lm_head,
+                      "after", metrics)
     if cfg.evaluate.diagnostics:  # before WiSE-FT, which swaps the weights (and restores them)
         diagnostics_stage(cfg, setup, context, metrics)
     if cfg.evaluate.wise_ft_alphas:
@@ -284,6 +294,9 @@ def build_setup(cfg) -> Setup:
     pretrained = check_stage_choices(cfg, mode, backbone, freeze, [regularizer, *extras], has_source)
     if data.target.language_modeling:
         check_language_modeling(cfg, backbone, [freeze, regularizer, *extras])
+    if cfg.evaluate.lm_eval.tasks and not hasattr(backbone, "language_model_head"):
+        raise ConfigError(f"evaluate.lm_eval.tasks: lm-eval scores a language model; {type(backbone).__name__} is "
+                          "not one (use backbone=smollm2 or backbone=hf_causal)")
     if mode == "scratch" and pretrained:
         backbone.reset_parameters()  # the no-transfer baseline starts from random weights
     if data.is_text:
@@ -426,6 +439,21 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
     metrics["params/total"] = count(setup.backbone) + count(target_model.head) + extra
     metrics["params/trainable"] = (count(target_model.head) + extra
                                    + setup.freeze.trainable_backbone_params(setup.backbone, cfg.target.epochs))
+
+
+def harness_stage(cfg, setup: Setup, head, when: str, metrics: dict) -> None:
+    """lm-evaluation-harness tasks on the model as it is now: lm_eval/<task>/<metric>_<when>; after
+    the target stage also the change (after − before)."""
+    started = time.time()
+    lm = cfg.evaluate.lm_eval
+    scores = evaluate_harness(setup.backbone.to(stage_device(cfg.trainer)), head, list(lm.tasks), limit=lm.limit,
+                              num_fewshot=lm.num_fewshot, include_path=lm.include_path, batch_size=lm.batch_size,
+                              device=stage_device(cfg.trainer))
+    metrics.update({f"lm_eval/{k}_{when}": v for k, v in scores.items()})
+    if when == "after":
+        metrics.update({f"lm_eval/{k}_change": v - metrics[f"lm_eval/{k}_before"] for k, v in scores.items()
+                        if v is not None and metrics.get(f"lm_eval/{k}_before") is not None})
+    metrics[f"time/lm_eval_{when}_s"] = round(time.time() - started, 3)
 
 
 def diagnostics_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
