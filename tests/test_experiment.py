@@ -177,3 +177,19 @@ def test_early_stopping_watches_target_validation(make_cfg, tmp_path):
     m = run(make_cfg, tmp_path, "target.epochs=30", "target.early_stopping_patience=1", "target.lr=1e-1")["metrics"]
     assert m["target/epochs_run"] < 30
     assert m["target/best_epoch"] <= m["target/epochs_run"]
+
+
+def test_peak_memory_is_each_jobs_own_in_a_shared_process(make_cfg, tmp_path):
+    """Jobs of a multirun share one process: a job's peak RSS must not include an earlier job's."""
+    import resource
+
+    import numpy as np
+
+    first = run(make_cfg, tmp_path, "source.epochs=1", "target.epochs=1", name="a")["metrics"]
+    big = np.ones(400 * 2**20 // 8)  # 400 MB touched between the two jobs, then freed
+    big[::512] = 2.0
+    del big
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    second = run(make_cfg, tmp_path, "source.epochs=1", "target.epochs=1", "seed=1", name="b")["metrics"]
+    assert first["efficiency/peak_rss_scope"] == second["efficiency/peak_rss_scope"] == "job"
+    assert second["efficiency/peak_rss_mb"] < process_peak - 300  # the 400 MB is not charged to job b

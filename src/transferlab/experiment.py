@@ -228,9 +228,39 @@ class Setup:
         return self.data.source is not None
 
 
+PEAK_RSS = {"reset": False}  # whether this job's peak-memory count was reset at its start
+
+
+def reset_peak_rss() -> bool:
+    """Start this job's peak-memory count afresh (Linux: writing 5 to /proc/self/clear_refs resets
+    VmHWM). In a multirun whose jobs share a process, the process's running maximum would charge
+    every earlier job's peak to this one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> tuple[float, str]:
+    """(peak RSS in MB, its scope): "job" since `reset_peak_rss`, else "process" (ru_maxrss)."""
+    if PEAK_RSS["reset"]:
+        try:
+            with open("/proc/self/status") as f:
+                line = next(line for line in f if line.startswith("VmHWM:"))
+            return round(int(line.split()[1]) / 1024, 1), "job"
+        except (OSError, StopIteration, ValueError):
+            pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "process"
+
+
 def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> tuple[dict, dict]:
     """The stages in order; returns (metrics, the task block of results.json). `metrics`, when
     given, is filled in place as each stage measures."""
+    PEAK_RSS["reset"] = reset_peak_rss()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     cache = (StageCache(cfg.cache.dir, lock=cfg.cache.lock, stale_lock_s=cfg.cache.stale_lock_s)
@@ -403,7 +433,7 @@ def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, cache
     metrics.update(info)
     # Efficiency (target samples/s: train_target's) and the process's peak memory (RSS; on CUDA
     # also the allocator's peak).
-    metrics["efficiency/peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    metrics["efficiency/peak_rss_mb"], metrics["efficiency/peak_rss_scope"] = peak_rss_mb()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["efficiency/peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     fault_point("after:target")
