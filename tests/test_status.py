@@ -195,3 +195,15 @@ def test_status_of_a_real_multirun_while_it_runs_and_after(tmp_path):
     assert after["mean_wall_s"] > 0 and after["eta_s"] == 0
     finished = run_cli(str(sweep))
     assert finished.returncode == 0 and finished.stdout.rstrip().endswith("done: no job running or waiting")
+
+
+def test_started_is_the_first_launch_not_the_latest_relaunch(tmp_path):
+    """A relaunch rewrites multirun.yaml; a job an earlier launch completed dates the sweep's start."""
+    root = tmp_path / "sweep"
+    write_multirun(root, ["seed=range(0,3)", "logger=csv"])  # rewritten just now, as by a relaunch
+    write_job(root, "0", "completed", wall=600.0, age_s=3000.0)  # finished 3,000 s ago after 600 s
+    write_job(root, "1", "running", age_s=10.0)
+    assert status.sweep_status(root)["started_s"] == pytest.approx(3600.0, abs=5.0)
+    alone = tmp_path / "fresh"
+    write_multirun(alone, ["seed=range(0,3)", "logger=csv"])
+    assert status.sweep_status(alone)["started_s"] == pytest.approx(0.0, abs=5.0)

@@ -51,6 +51,7 @@ class Job:
     age_s: float | None = None  # running jobs: since results.json was written
     last_write_s: float | None = None  # running jobs: since the newest checkpoint or log file
     stage: str | None = None
+    finished_s: float | None = None  # completed jobs: since results.json was last written
 
 
 def find_jobs(sweep_dir: Path) -> list[Job]:
@@ -98,7 +99,8 @@ def read_job(job_dir: str, name: str, now: float) -> Job | None:
     if head is not None and head.group(1) == b"completed":
         wall = WALL_RE.search(data, max(data.rfind(b'"wall_time_s"'), 0))
         if wall is not None:
-            return Job(name, "completed", wall_time_s=None if wall.group(1) == b"null" else float(wall.group(1)))
+            return Job(name, "completed", wall_time_s=None if wall.group(1) == b"null" else float(wall.group(1)),
+                       finished_s=age(path, now))
     try:
         results = json.loads(data)
         status = str(results["status"])
@@ -178,6 +180,16 @@ def expected_jobs(sweep_dir: Path) -> int | None:
         return None
 
 
+def first_launch(sweep_dir: Path, jobs: list[Job]) -> float | None:
+    """Seconds since the sweep first started: Hydra rewrites multirun.yaml at every relaunch, but a
+    job completed by an earlier launch keeps its results.json, which dates its start (finished −
+    wall time)."""
+    starts = [job.finished_s + job.wall_time_s for job in jobs
+              if job.finished_s is not None and isinstance(job.wall_time_s, (int, float))]
+    launched = age(sweep_dir / "multirun.yaml", time.time())
+    return max([*starts, *([launched] if launched is not None else [])], default=None)
+
+
 def sweep_status(sweep_dir: str | Path) -> dict | None:
     """{"sweep_dir", "jobs": [Job], "total": int | None, "counts": {status: n}, "eta_s",
     "mean_wall_s", "started_s"}; None when nothing under sweep_dir is readable."""
@@ -198,7 +210,7 @@ def sweep_status(sweep_dir: str | Path) -> dict | None:
         running = [job for job in jobs if job.status == "running"]
         work = sum(max(mean_wall - (job.age_s or 0.0), 0.0) for job in running) + counts["not started"] * mean_wall
         eta = work / max(len(running), 1)
-    started = age(sweep_dir / "multirun.yaml", time.time())
+    started = first_launch(sweep_dir, jobs)
     return {"sweep_dir": sweep_dir, "jobs": jobs, "total": total, "counts": counts, "eta_s": eta,
             "mean_wall_s": mean_wall, "n_walls": len(walls), "started_s": started}
 
