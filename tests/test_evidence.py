@@ -244,3 +244,30 @@ def test_negative_transfer_column_only_when_a_row_is_flagged(tmp_path):
     md = report.write_report(tmp_path)["report.md"].read_text()
     header = next(line for line in md.splitlines() if line.startswith("| setting | n |"))
     assert header.endswith("| interrupted |")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the weights moved
+
+
+def test_diagnostics_section_averages_each_block_over_seeds_and_draws_change_and_cka(tmp_path):
+    change = {"none": [[0.2, 0.5], [0.4, 0.7]], "l2sp": [[0.1, 0.2], [0.1, 0.4]]}  # per seed, per block
+    for arm, seeds in change.items():
+        for seed, blocks in enumerate(seeds):
+            metrics = {"target/test_acc": 0.8, "diagnostics/total_rel_change": sum(blocks),
+                       "diagnostics/features_cka": 0.9 - blocks[1] / 2}
+            for j, c in enumerate(blocks):
+                metrics |= {f"diagnostics/block{j}_rel_change": c, f"diagnostics/block{j}_cka": 1 - c / 2,
+                            f"diagnostics/block{j}_eff_rank": 3.0 + j}
+            job(tmp_path, f"{arm}{seed}", seed=seed, arm=arm, metrics=metrics)
+    report.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    text = section(md, "Where the weights moved")
+    for arm, seeds in change.items():
+        # block 1's relative change, mean ± t-interval over the two seeds, by hand
+        values = [blocks[1] for blocks in seeds]
+        half = scipy_stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
+        rows = [ln for ln in text.splitlines() if ln.startswith(f"| {arm} |")]
+        assert f"{np.mean(values):.3f} ± {half:.3f}" in rows[1]  # the rel_change table (after the totals)
+    assert (tmp_path / "plots" / "diagnostics_rel_change_by_block.png").is_file()
+    assert (tmp_path / "plots" / "diagnostics_cka_by_block.png").is_file()

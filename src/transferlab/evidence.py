@@ -515,6 +515,59 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
+# -- where the weights moved (diagnostics.py) ----------------------------------------------------
+DIAGNOSTIC_BLOCK = re.compile(r"^diagnostics/block(\d+)_(rel_change|eff_rank|cka)$")
+DIAGNOSTIC_NAMES = {"rel_change": "relative change ‖θ−θ₀‖/‖θ₀‖", "eff_rank": "effective rank of ΔW",
+                    "cka": "linear CKA, start vs tuned features"}
+
+
+def diagnostics_section(runs: list[dict], plots: Path, out_dir: Path) -> list[str]:
+    """Per setting and block: how far fine-tuning moved the weights, the rank of the move, and how
+    similar the block's features stayed (mean ± 95% CI over seeds); a figure of change and CKA by
+    depth, one line per setting."""
+    settings = by_setting(runs)
+    found: dict[str, set[int]] = {}
+    for run in runs:
+        for key, value in run["metrics"].items():
+            match = DIAGNOSTIC_BLOCK.match(key)
+            if match and value is not None:
+                found.setdefault(match.group(2), set()).add(int(match.group(1)))
+    if not found:
+        return []
+    lines = ["## Where the weights moved", "",
+             "Per setting, the mean over seeds (± 95% CI) of each block's relative weight change, the mean effective "
+             "rank of its weight matrices' change (exp of the entropy of the normalized singular values; LoRA "
+             "folded into scale·BA) and linear CKA between the block's start and tuned features on target "
+             "validation (1: unchanged). Total: ‖θ−θ₀‖/‖θ₀‖ over the whole backbone; features CKA: what the head reads.",
+             "", row(["setting", "n", "total relative change", "features CKA"]), row(["---", "---:", "---:", "---:"])]
+    for label, members in settings.items():
+        total = stats.mean_ci(values(members, "diagnostics/total_rel_change"))
+        cka = stats.mean_ci(values(members, "diagnostics/features_cka"))
+        lines.append(row([label, str(len(members)), mean_ci_text(total), mean_ci_text(cka)]))
+    for quantity in ("rel_change", "eff_rank", "cka"):
+        blocks = sorted(found.get(quantity, ()))
+        if not blocks:
+            continue
+        lines += ["", f"**{DIAGNOSTIC_NAMES[quantity]}**, by block:", "",
+                  row(["setting", *(f"block {j}" for j in blocks)]), row(["---", *("---:" for _ in blocks)])]
+        series = {}
+        for label, members in settings.items():
+            cells, points = [], []
+            for j in blocks:
+                summary = stats.mean_ci(values(members, f"diagnostics/block{j}_{quantity}"))
+                cells.append(mean_ci_text(summary, 3))
+                if summary["n"]:
+                    points.append({"x": j, **summary})
+            lines.append(row([label, *cells]))
+            if points:
+                series[label] = points
+        if series and quantity != "eff_rank":
+            plot = figures.numeric(series, f"diagnostics/{quantity}", "block", logx=False,
+                                   save_to=plots / f"diagnostics_{quantity}_by_block")
+            lines += figure_lines(plot, out_dir)
+    return lines
+
+
 def evidence_sections(runs: list[dict], out_dir: Path, baseline: str | None = None,
                       metrics: list[str] | None = None) -> list[str]:
     """`metrics`: what the paired comparison covers (None: every metric of `compared_metrics`)."""
@@ -530,6 +583,7 @@ def evidence_sections(runs: list[dict], out_dir: Path, baseline: str | None = No
         explain = explain and not comparison
     part = source_per_seed_section(runs)
     lines += ([""] + part) if part else []
-    part = transferability_section(runs, plots, out_dir)
-    lines += ([""] + part) if part else []
+    for section in (transferability_section, diagnostics_section):
+        part = section(runs, plots, out_dir)
+        lines += ([""] + part) if part else []
     return lines

@@ -95,6 +95,9 @@ LABELS = {
     "source.lr": "source learning rate",
     "freeze": "freeze policy",
     "wise_ft/alpha": "WiSE-FT α (0 = start of target, 1 = fine-tuned)",
+    "diagnostics/rel_change": "relative weight change ‖θ−θ₀‖/‖θ₀‖",
+    "diagnostics/cka": "linear CKA, start vs tuned features",
+    "block": "block (input → output)",
 }
 WORDS = {"acc": "accuracy", "f1": "F1", "lr": "learning rate", "ood": "OOD", "id": "ID",
          "mb": "MB", "val": "validation", "params": "parameters", "s": "(s)"}
@@ -129,9 +132,9 @@ def metric_kind(key: str) -> str:
     "nonnegative" (times, counts, memory, throughput) or "free"."""
     if key.startswith("transfer/") or key.endswith(("_diff", "/gain", "/forgetting")):
         return "difference"
-    if re.search(r"(^|[/_])(acc|f1|accuracy)($|[/_])", key):
+    if re.search(r"(^|[/_])(acc|f1|accuracy|cka)($|[/_])", key):
         return "bounded"
-    if key.startswith(("efficiency/", "time/", "params/")):
+    if key.startswith(("efficiency/", "time/", "params/")) or key.endswith("rel_change"):
         return "nonnegative"
     return "free"
 
