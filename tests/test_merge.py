@@ -431,3 +431,16 @@ def test_lora_fine_tunes_merge_as_folded_weights(tmp_path):
     for label, run in per["runs"].items():
         recorded = json.loads((sweep / run / "results.json").read_text())["metrics"]["target/test_acc"]
         assert per["rows"]["individual"]["tasks"][label]["test"] == pytest.approx(recorded)
+
+
+def test_base_weights_drops_every_adapter_entry_and_equals_lora_folded_at_zero():
+    from transferlab.weights import base_weights, fold_lora
+
+    torch.manual_seed(0)
+    lora = {"l.base_layer.weight": torch.randn(4, 3), "l.base_layer.bias": torch.randn(4),
+            "l.lora_A.default.weight": torch.randn(2, 3), "l.lora_B.default.weight": torch.randn(4, 2),
+            "other.weight": torch.randn(2)}
+    folded = fold_lora(lora, 0.0)
+    assert base_weights(lora).keys() == folded.keys() and all(torch.equal(base_weights(lora)[k], folded[k]) for k in folded)
+    dora = {**lora, "l.lora_magnitude_vector.default.weight": torch.randn(4)}  # DoRA's magnitudes, IA3 alike
+    assert set(base_weights(dora)) == {"l.weight", "l.bias", "other.weight"}

@@ -122,8 +122,20 @@ def fold_lora(state: State, scaling: float, transposed: Iterable[str] = ()) -> d
 
 
 def base_weights(state: State) -> dict:
-    """The weights under the adapters (LoRA removed, ΔW = 0): a state dict without adapters as it is."""
-    return fold_lora(state, 0.0) if has_adapters(state) else dict(state)
+    """The weights under any peft adapters: `<m>.base_layer.<p>` → `<m>.<p>`, every other entry of
+    an adapted module `<m>` (LoRA's A / B, DoRA's magnitudes, IA3's vectors) dropped — for LoRA
+    exactly `fold_lora(state, 0.0)`; a state dict without adapters as it is."""
+    adapted = {k.rpartition(".base_layer.")[0] for k in state if ".base_layer." in k}
+    if not adapted:
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        path, sep, attr = key.rpartition(".base_layer.")
+        if sep and path in adapted:
+            out[f"{path}.{attr}"] = value
+        elif not any(key.startswith(p + ".") for p in adapted):
+            out[key] = value
+    return out
 
 
 # -- identity -----------------------------------------------------------------------------------

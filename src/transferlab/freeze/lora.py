@@ -18,56 +18,40 @@ target stage, and the EWC Fisher taken after injection, refer to the same functi
 
 Param groups stay one per block: the adapters live inside the layer blocks; the frozen base
 weights in those groups have requires_grad=False, never get a gradient, and AdamW skips them.
+
+`LoRA` is `PeftAdapters` (peft.py: any peft config, `freeze=peft`) with LoRA's four settings as its
+own keys (`freeze.r`, `freeze.alpha`, `freeze.dropout`, `freeze.target_modules`): the same
+`peft.LoraConfig` it always built, and the same `{"lora": {r, alpha, dropout, target_modules}}` in
+cache keys, so earlier runs' entries stay valid. DoRA and other LoRA settings: `freeze=dora`, or
+`freeze=peft` with any `peft.LoraConfig` field.
 """
 
 from __future__ import annotations
 
-
-import pytorch_lightning as pl
-import torch
 from torch import nn
 
 from transferlab.config import Positive, PositiveInt, Probability
-from transferlab.errors import ConfigError, TransferlabError
-from transferlab.freeze.base import FreezePolicy
+from transferlab.errors import ConfigError
+from transferlab.freeze.peft import FAMILY_TARGETS, PeftAdapters, default_targets, import_peft, is_conv1d, targets
+
+# the architecture helpers live in peft.py (every adapter uses them); imported from here too (merge.py)
+__all__ = ["ADAPTER_PREFIX", "FAMILY_TARGETS", "LoRA", "default_targets", "is_adapter", "is_conv1d", "targets"]
 
 ADAPTER_PREFIX = "lora_"  # peft names adapter parameters ...lora_A.default.weight / lora_B...
-
-
-# By architecture: the family with the most of its names in the backbone; those names are kept.
-FAMILY_TARGETS = (
-    ("query", "value"),  # BERT / RoBERTa / MiniLM / ELECTRA
-    ("c_attn", "c_proj", "c_fc"),  # GPT-2 (Conv1D)
-    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # Llama, Qwen, Mistral
-    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # OPT
-)
 
 
 def is_adapter(name: str) -> bool:
     return ADAPTER_PREFIX in name
 
 
-def targets(backbone: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
-    """The modules peft will adapt: those whose name is, or ends with, one of `names`."""
-    return [(path, m) for path, m in backbone.named_modules()
-            if any(path == n or path.endswith("." + n) for n in names)]
+class LoRA(PeftAdapters):
+    config_key = "freeze"  # its settings are the option's own keys: freeze.r, freeze.target_modules, ...
 
-
-def default_targets(backbone: nn.Module) -> list[str] | None:
-    present = [[name for name in family if targets(backbone, [name])] for family in FAMILY_TARGETS]
-    best = max(present, key=len)  # ties: the earlier family
-    return best or None
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a Linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-
-
-class LoRA(FreezePolicy):
     def __init__(self, r: PositiveInt, alpha: Positive, dropout: Probability, target_modules: list[str] | None = None):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = None if target_modules is None else list(target_modules)
+        super().__init__(import_peft().LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                  target_modules=self.target_modules))
 
     def resolve_targets(self, backbone: nn.Module) -> None:
         """`target_modules: null` → the architecture's default, fixed from here on (before
@@ -78,6 +62,13 @@ class LoRA(FreezePolicy):
                 raise ConfigError(f"freeze.target_modules=null: {type(backbone).__name__} has no query/value, c_attn "
                                   "or q_proj modules to default to; LoRA needs a transformer backbone "
                                   "(backbone=minilm, hf or hf_causal), or name its Linear layers")
+
+    def resolved_config(self, backbone: nn.Module):
+        """The LoraConfig LoRA has always injected: the targets by architecture, fan_in_fan_out on Conv1D."""
+        self.resolve_targets(backbone)
+        transposed = [is_conv1d(m) for _, m in targets(backbone, self.target_modules)]
+        return import_peft().LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                                        target_modules=self.target_modules, fan_in_fan_out=any(transposed))
 
     def check_backbone(self, backbone: nn.Module) -> None:
         self.resolve_targets(backbone)
@@ -90,38 +81,9 @@ class LoRA(FreezePolicy):
         if not_linear:
             raise ConfigError(f"{key}: {not_linear[0]} is not a Linear layer; name Linear layers "
                               "(e.g. query, key, value, dense)")
-
-    def frozen_blocks(self, epoch: int, num_blocks: int) -> set[int]:
-        return set()  # no block is frozen as a whole: blocks stay in train mode (dropout on)
+        super().check_backbone(backbone)
 
     def adapter_settings(self) -> dict:
+        # LoRA's own form, as before PeftAdapters: earlier runs' statistics cache keys stay valid
         return {"lora": {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
                          "target_modules": self.target_modules}}
-
-    def adapt_backbone(self, backbone: nn.Module, seed: int) -> None:
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError:
-            raise TransferlabError("freeze=lora needs peft: pip install -e '.[nlp]'") from None
-        self.resolve_targets(backbone)
-        transposed = [is_conv1d(m) for _, m in targets(backbone, self.target_modules)]
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=self.target_modules, fan_in_fan_out=any(transposed))
-        # A's random init from its own seed: the same adapters (and the same EWC Fisher, which
-        # depends on A) whether the source stage was trained just now or came from the cache.
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            inject_adapter_in_model(config, backbone)
-
-    def trainable_backbone_params(self, backbone: nn.Module, epochs: int) -> int:
-        return sum(p.numel() for name, p in backbone.named_parameters() if is_adapter(name))
-
-    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        names = [name for name, _ in pl_module.backbone.named_parameters()]
-        if not any(is_adapter(n) for n in names):
-            raise RuntimeError("freeze=lora: the backbone has no adapters; adapt_backbone was not called")
-        # peft froze the base at injection already; set it here too, so the stage does not
-        # depend on what happened to the shared backbone in between.
-        for name, p in pl_module.backbone.named_parameters():
-            p.requires_grad_(is_adapter(name))
