@@ -88,11 +88,12 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(tmp_path) == uninterrupted
     # W&B: the resumed target stage logs into the run it started (same id; offline, a second
-    # folder of that run for `wandb sync`), the source stage kept its single run.
+    # folder of that run for `wandb sync`, and a third holding results.json's metrics in its
+    # summary), the source stage kept its single run.
     target_id = (tmp_path / "checkpoints" / "wandb-target.id").read_text()
     source_id = (tmp_path / "checkpoints" / "wandb-source.id").read_text()
     runs = [p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")]
-    assert sorted(runs) == sorted([source_id, target_id, target_id])
+    assert sorted(runs) == sorted([source_id, target_id, target_id, target_id])
 
 
 @pytest.mark.slow  # an end-to-end run in subprocesses: CI runs it (.ci/run)

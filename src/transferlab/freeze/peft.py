@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import inspect
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -91,6 +92,15 @@ def model_type(backbone: nn.Module) -> str | None:
     default targets are keyed by; None for the others."""
     config = getattr(backbone, "model_config", None) or getattr(getattr(backbone, "model", None), "config", None)
     return getattr(config, "model_type", None)
+
+
+def peft_defaults(tuner: type, config, kind: str | None):
+    """peft's per-model-type defaults filled into `config`. `_prepare_adapter_config` is a
+    staticmethod on some tuners and a method reading only class attributes on others (LoRA's
+    `target_module_mapping`), so it is called on the class either way."""
+    prepare = inspect.getattr_static(tuner, "_prepare_adapter_config")
+    args = (config, {"model_type": kind})
+    return prepare.__func__(*args) if isinstance(prepare, staticmethod) else prepare(tuner, *args)
 
 
 # -- the config as plain values ---------------------------------------------------------------------
@@ -199,8 +209,7 @@ class PeftAdapters(FreezePolicy):
         if getattr(config, "target_modules", "") is None or getattr(config, "feedforward_modules", "") is None:
             kind = model_type(backbone)
             try:  # peft's defaults for this model type (target_modules, IA3's feedforward_modules)
-                config = peft.PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]._prepare_adapter_config(
-                    config, {"model_type": kind})
+                config = peft_defaults(peft.PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type], config, kind)
             except (ValueError, KeyError, AttributeError):
                 raise ConfigError(
                     f"{self.key('target_modules')}=null: {type(backbone).__name__} "
