@@ -243,8 +243,26 @@ def test_scores_reject_bad_input_in_one_line():
         tr.transferability_scores(f, y, np.log(theta))
     with pytest.raises(TransferlabError, match="source_probs must be"):
         tr.transferability_scores(f, y, theta[:-1])
-    with pytest.raises(TransferlabError, match="≥ 2 classes"):
-        tr.transferability_scores(f, np.zeros(len(y), dtype=int))
+
+
+
+def test_data_with_nothing_to_score_is_null_with_one_warning(caplog):
+    """One class, or non-finite features (a diverged source stage): the run's data, not a bug in
+    the call, so nulls and one warning rather than an error that fails the run."""
+    f, y, theta = random_task(n=40, d=5)
+    for features, labels in ((f, np.zeros(len(y), dtype=int)), (np.where(np.eye(40, 5) > 0, np.nan, f), y)):
+        caplog.clear()
+        scores = tr.transferability_scores(features, labels, theta)
+        assert scores == {f"transferability/{k}": None for k in ("logme", "hscore", "leep", "nce")}
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1 and "≥ 2 classes" in caplog.text
+
+
+def test_a_score_that_raises_anything_is_null(monkeypatch, caplog):
+    f, y, _ = random_task(n=40, d=5)
+    monkeypatch.setattr(tr, "hscore", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    scores = tr.transferability_scores(f, y)
+    assert scores["transferability/hscore"] is None and scores["transferability/logme"] is not None
+    assert "boom" in caplog.text
 
 
 def test_scores_take_seconds_at_the_experiments_size():

@@ -18,7 +18,8 @@ tensors); one SVD of f dominates the cost: ~2,000 × 384 features score in well 
   N ≤ D or features are collinear, so it is inverted with a small ridge, 1e-6 · (its mean
   eigenvalue) on the diagonal: negligible when cov(f) is well conditioned, and it keeps rounding
   noise in near-null directions from being amplified (a plain pinv with the reference code's
-  rcond=1e-15 can be). The score lies in [0, C − 1] and approaches C − 1 (saturates) when N ≲ D.
+  rcond=1e-15 can be). The score lies in [0, C − 1] and approaches C − 1 (saturates) when N ≲ D;
+  constant features score 0 (pinv(0) = 0).
 
 Higher is better for all four; their scales differ, so compare a score only with itself across
 settings (the report's Kendall τ), never across scores.
@@ -56,8 +57,10 @@ def logme(features, labels) -> float:
     f, y = as_array(features), as_array(labels, np.int64)
     n = len(f)
     u, s, _ = np.linalg.svd(f, full_matrices=False)
-    sigma = s[s > 0] ** 2  # the non-zero spectrum of fᵀf (zero eigenvalues add nothing, see below)
-    u = u[:, s > 0]
+    # the non-zero spectrum of fᵀf (zero eigenvalues add nothing, see below); zero as
+    # numpy.linalg.matrix_rank decides it, so rounding noise (constant features) is not a direction
+    nonzero = s > s.max(initial=0.0) * max(f.shape) * np.finfo(np.float64).eps
+    sigma, u = s[nonzero] ** 2, u[:, nonzero]
     evidences = []
     for c in np.unique(y):
         target = (y == c).astype(np.float64)
@@ -156,6 +159,8 @@ def hscore(features, labels) -> float:
     g = class_means[y]  # E[f | y] for each example; already centred, as f is
     cov_f = f.T @ f / (len(f) - 1)
     cov_g = g.T @ g / (len(f) - 1)
+    if not np.trace(cov_f) > 0:  # constant features separate nothing: pinv(0) = 0, as the limit
+        return 0.0
     ridge = HSCORE_RIDGE * np.trace(cov_f) / len(cov_f)
     return float(np.trace(np.linalg.solve(cov_f + ridge * np.eye(len(cov_f)), cov_g)))
 
@@ -166,7 +171,9 @@ def hscore(features, labels) -> float:
 
 def transferability_scores(features, labels, source_probs=None) -> dict[str, float | None]:
     """{"transferability/logme", "transferability/hscore"} (+ "…/leep", "…/nce" with source_probs);
-    a score that cannot be computed is None (and a warning says why).
+    a score that cannot be computed is None (and a warning says why): every score with fewer than
+    2 classes or non-finite features. Malformed input (shapes, logits for probabilities) is the
+    caller's bug and raises a TransferlabError.
 
     features (N, D): backbone features of the target training set before fine-tuning; labels (N,)
     its target labels (any integers; for token classification pass one row per token — rows
@@ -180,9 +187,12 @@ def transferability_scores(features, labels, source_probs=None) -> dict[str, flo
                                f"{f.shape} and {y.shape}")
     keep = y >= 0
     f, y = f[keep], y[keep]
-    if len(np.unique(y)) < 2 or not np.all(np.isfinite(f)):
-        raise TransferlabError(f"transferability: need finite features and ≥ 2 classes, got "
-                               f"{len(np.unique(y))} class(es) in {len(y)} labelled rows")
+    if len(np.unique(y)) < 2 or not np.all(np.isfinite(f)):  # data the run has: nothing to score, no failure
+        log.warning("transferability: need finite features and ≥ 2 classes, got %d class(es) in %d labelled rows%s; "
+                    "recorded as null", len(np.unique(y)), len(y), "" if np.all(np.isfinite(f)) else
+                    " and non-finite features")
+        keys = ["logme", "hscore"] + (["leep", "nce"] if source_probs is not None else [])
+        return {f"transferability/{k}": None for k in keys}
     scores = {"transferability/logme": measured(logme, f, y), "transferability/hscore": measured(hscore, f, y)}
     if source_probs is not None:
         theta = as_array(source_probs)
@@ -202,7 +212,7 @@ def measured(score, *inputs) -> float | None:
     the run it measures down with it."""
     try:
         value = score(*inputs)
-    except (TransferlabError, ArithmeticError, ValueError, np.linalg.LinAlgError) as error:
+    except Exception as error:  # noqa: BLE001  no measurement may fail the run it measures
         log.warning("transferability: %s not computed (%s); recorded as null", score.__name__, error)
         return None
     if not math.isfinite(value):

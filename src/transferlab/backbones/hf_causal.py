@@ -179,7 +179,10 @@ class HFDecoder(Backbone):
         return out.last_hidden_state
 
     def forward(self, batch: dict) -> torch.Tensor:
-        hidden, mask = self.token_features(batch), batch["attention_mask"]
+        return self.pool(self.token_features(batch), batch["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) token features → (N, d): the last real token's, or the mean over real tokens."""
         if self.pooling == "mean":
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)

@@ -130,6 +130,9 @@ class DELTA(Regularizer):
     has_loss_term = True
     reads_raw_inputs = True  # the start copy runs on the batch's inputs: no frozen-block cache
     uses_start_weights = True
+    # Its statistics read the start backbone (ctx.backbone), not the source model, so any source
+    # will do (source=pretrained, scratch); SOURCE_MODEL stays an input of their cache key.
+    needs_source_model = False
     # the loss increases per channel are the statistics; the coefficients and the softmax
     # temperature act on them afterwards
     statistics_excluded = ("alpha", "beta", "temperature")

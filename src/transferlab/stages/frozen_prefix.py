@@ -153,6 +153,8 @@ class DecoderFromBlock(nn.Module):
 
     def _run(self, x: dict, pooled: bool) -> torch.Tensor:
         mask = x["attention_mask"]
+        if self.k == len(self.blocks):  # every block frozen (a token-level head): hidden is the output
+            return self.backbone.pool(x["hidden"], mask) if pooled else x["hidden"]
         placeholder = {"input_ids": torch.zeros(mask.shape, dtype=torch.long, device=mask.device), "attention_mask": mask}
         with self.starting_at_block_k(x["hidden"]):
             return self.backbone(placeholder) if pooled else self.backbone.token_features(placeholder)
@@ -187,7 +189,8 @@ class _Stop(Exception):
 @torch.no_grad()
 def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
     """Block k-1's output for batch x, by the backbone's own forward, stopped right there. For a
-    decoder, block k's input (its embeddings block is a view the model's forward never calls)."""
+    decoder, block k's input (its embeddings block is a view the model's forward never calls), or
+    with every block frozen the final norm's output."""
     captured = []
 
     def grab(module, inputs, output):
@@ -198,7 +201,7 @@ def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
         captured.append(args[0] if args else kwargs["hidden_states"])
         raise _Stop
 
-    if isinstance(backbone, HFDecoder):
+    if isinstance(backbone, HFDecoder) and k < len(backbone.blocks):
         handle = backbone.blocks[k].register_forward_pre_hook(grab_input, with_kwargs=True)
     else:
         handle = backbone.blocks[k - 1].register_forward_hook(grab)
