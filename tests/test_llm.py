@@ -130,7 +130,7 @@ def lm_config(tmp_path, folder, *overrides):
 
 
 @pytest.mark.parametrize("method", ["freeze=full", "freeze=lora", "regularizer=l2sp", "regularizer=ewc",
-                                    "freeze=partial freeze.k=2"])
+                                    "freeze=partial freeze.k=2", "regularizer=lwf freeze=partial freeze.k=1"])
 def test_language_modeling_runs_measure_perplexity_and_forgetting(tmp_path, llama_folder, method):
     results = run_experiment(lm_config(tmp_path, llama_folder, *method.split()), tmp_path / "run")
     m = results["metrics"]
@@ -155,7 +155,7 @@ def val_ppl_per_epoch(run_dir):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("regularizer=lwf", "regularizer=lwf: does not apply to a language-modeling target"),
+    ("regularizer=co_tuning", "regularizer=co_tuning: does not apply to a language-modeling target"),
     ("regularizer=bss", "regularizer=bss: does not apply to a language-modeling target"),
     ("source=train", "source=train: a language-modeling target continues the pretrained model"),
     ("data.max_length=100", "data.max_length=100: longer than HFDecoder's context of 64 tokens"),
@@ -171,6 +171,50 @@ def test_what_cannot_apply_to_language_modeling_is_refused_in_one_line(tmp_path,
         run_experiment(cfg, tmp_path / "run")
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert not (tmp_path / "run" / "target.pt").exists()
+
+
+def lwf_on(backbone, head, x):
+    """An LwF attached to (backbone, head) as the target stage starts, on a language-modeling task."""
+    from transferlab.method import MethodContext
+    from transferlab.regularizers.lwf import LwF
+
+    ctx = MethodContext(backbone=backbone, head=head, task=LanguageModeling())
+    lwf = LwF(lam=0.5, temperature=2.0)
+    lwf.use_statistics(lwf.compute_statistics(ctx), ctx)
+    ctx.start_weights  # noqa: B018  taken before training, as the stage does
+    lwf.attach(ctx)
+    return lwf
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lwf_on_a_language_model_is_the_kl_to_the_start_models_next_tokens(tokenizer, tie):
+    """lam · T² · Σ_real tokens Σ_v p₀(v) (log p₀(v) − log p(v)) / #real tokens, p = softmax(logits / T):
+    0 at the start; after the weights move, the same sum written out here. A tied head moves with
+    the embeddings; the teacher's stays with the start copy's."""
+    from transferlab.method import Step
+
+    torch.manual_seed(0)
+    backbone = HFDecoder.from_config(llama_config(tokenizer, tie=tie), tokenizer=tokenizer).eval()
+    head = backbone.language_model_head()
+    x, y = lm_batch(tokenizer)
+    lwf = lwf_on(backbone, head, x)
+    assert lwf.reads_raw_inputs and lwf.uses_start_weights and lwf.modules(None) == {}
+
+    def term():
+        features = backbone.token_features(x)
+        return lwf.loss_term(Step(x=x, y=y, index=None, features=features, logits=head(features), module=None))
+
+    assert float(term().detach()) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        start_logits = head(backbone.token_features(x))
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        now_logits = head(backbone.token_features(x))
+    real = x["attention_mask"].bool()
+    p0 = F.softmax(start_logits[real] / 2.0, -1)
+    expected = 0.5 * 4.0 * float((p0 * (p0.log() - F.log_softmax(now_logits[real] / 2.0, -1))).sum(-1).mean())
+    assert expected > 1e-4
+    assert float(term().detach()) == pytest.approx(expected, rel=1e-4)
 
 
 def test_ewc_without_a_general_text_corpus_says_what_to_set(tmp_path, llama_folder):

@@ -24,12 +24,12 @@ RUN = ["logger=csv", "cache=off", "backbone=mlp", "backbone.hidden=[32,32]", "ba
        "scheduler@source.scheduler=linear"]
 
 
-def transferlab(run_dir: Path, *overrides: str, kill_at: str | None = None, signal_name: str = "KILL"):
+def transferlab(run_dir: Path, *overrides: str, kill_at: str | None = None, signal_name: str = "KILL", base=RUN):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     env.pop("TRANSFERLAB_KILL_AT", None)
     if kill_at:
         env.update(TRANSFERLAB_KILL_AT=kill_at, TRANSFERLAB_KILL_SIGNAL=signal_name)
-    return subprocess.run([sys.executable, "-m", "transferlab", *RUN, *overrides, f"hydra.run.dir={run_dir}"],
+    return subprocess.run([sys.executable, "-m", "transferlab", *base, *overrides, f"hydra.run.dir={run_dir}"],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -142,6 +142,37 @@ def test_each_baseline_resumes_after_a_kill_to_identical_metrics(tmp_path, metho
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoints" / "target.ckpt").is_file()
     resumed = transferlab(tmp_path / "killed", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "killed" / "results.json").read_text())["provenance"]["resumed"] is True
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "uninterrupted")
+
+
+@pytest.mark.slow  # end-to-end runs in subprocesses: CI runs them (.ci/run)
+def test_lwf_on_a_language_model_resumes_after_a_kill_to_identical_metrics(tmp_path):
+    """LwF on a language model: its frozen start copy is rebuilt from the start weights, and the
+    untied next-token head's start (it trains from the first step) comes back from the checkpoint."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from transferlab.backbones.minilm import minilm_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+                                      vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.cls_token_id,
+                                      eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    overrides = ["logger=csv", "cache=off", "trainer.checkpoint_interval_s=null", "target.epochs=3", "data=tweets_lm", "backbone=hf_causal", f"backbone.name={tmp_path / 'llama'}",
+                 "source=pretrained", "freeze=full", "regularizer=lwf", "data.target_train_size=24",
+                 "data.source_train_size=8", "data.test_size=8", "data.val_fraction=0.0005", "data.max_length=24",
+                 "target.batch_size=8", "target.lr=1e-3", "evaluate.transferability=false",
+                 "trainer.checkpoint_every_n_steps=3"]
+    done = transferlab(tmp_path / "uninterrupted", *overrides, base=[])
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = transferlab(tmp_path / "killed", *overrides, kill_at="target:step5", base=[])  # epoch 1, after step 3's checkpoint
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = transferlab(tmp_path / "killed", *overrides, base=[])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "killed" / "results.json").read_text())["provenance"]["resumed"] is True
     assert metrics(tmp_path / "killed") == metrics(tmp_path / "uninterrupted")
