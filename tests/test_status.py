@@ -192,7 +192,10 @@ def test_status_of_a_real_multirun_while_it_runs_and_after(tmp_path):
     assert all(stage in ("starting", "source", "target", "evaluating") for _, _, st in seen for stage in st)
     after = status.sweep_status(sweep)
     assert after["total"] == 3 and after["counts"]["completed"] == 3 and after["counts"]["running"] == 0
-    assert after["mean_wall_s"] > 0 and after["eta_s"] == 0
+    # the mean of the three jobs' own wall times, read here from their results.json
+    walls = [json.loads(p.read_text())["provenance"]["wall_time_s"] for p in sweep.glob("*/results.json")]
+    assert len(walls) == 3 and min(walls) > 0
+    assert after["mean_wall_s"] == pytest.approx(sum(walls) / 3, rel=1e-9) and after["eta_s"] == 0
     finished = run_cli(str(sweep))
     assert finished.returncode == 0 and finished.stdout.rstrip().endswith("done: no job running or waiting")
 
