@@ -90,9 +90,15 @@ def test_the_stage_cache_keeps_block_outputs_for_the_next_job(make_cfg, tmp_path
     assert saved["train"].shape == (first["data/target_train_size"], 16)  # pooled features
 
 
-def test_no_stage_cache_no_entry(make_cfg, tmp_path):
-    metrics = run_experiment(make_cfg("source=scratch", "freeze=linear_probe", "cache=off"), tmp_path / "a")["metrics"]
+def test_no_stage_cache_no_entry(make_cfg, tmp_path, caplog):
+    """cache=off: the frozen blocks' outputs are still computed once, kept in memory for this stage
+    (hit null, neither taken from nor kept in a stage cache), and nothing is written to disk."""
+    with caplog.at_level(logging.INFO, logger="transferlab.stages.frozen_prefix"):
+        metrics = run_experiment(make_cfg("source=scratch", "freeze=linear_probe", "cache=off"), tmp_path / "a")["metrics"]
     assert metrics["cache/frozen_blocks_hit"] is None
+    used = [r.getMessage() for r in caplog.records if USED in r.getMessage()]
+    assert used == ["target stage: blocks 0..1 frozen for the whole stage: their output computed once"]
+    assert not list(tmp_path.rglob("frozen_blocks"))
 
 
 @pytest.mark.parametrize("freeze", [["freeze=linear_probe"], ["freeze=partial", "freeze.k=1"]])

@@ -97,9 +97,12 @@ def test_ewc_moves_cpu_statistics_to_the_parameters_dtype_and_device():
     x, y = batch()
     nn.functional.cross_entropy(head(backbone(x.double())), y).backward()
     ewc.add_penalty_grad_()  # mixed dtypes would raise in the fused foreach op
+    first = next(backbone.parameters())
     with torch.no_grad():
-        next(backbone.parameters()).add_(0.1)
-    assert ewc.penalty().dtype == torch.float64 and ewc.penalty() > 0
+        first.add_(0.1)
+    # λ/2 Σ F (w − w*)² with F = 1: only the first tensor moved, each entry by 0.1
+    assert ewc.penalty().dtype == torch.float64
+    assert float(ewc.penalty()) == pytest.approx(0.5 * 0.1 ** 2 * first.numel(), rel=1e-9)
 
 
 def test_ewc_penalty_is_the_fused_form_of_the_written_out_sum():

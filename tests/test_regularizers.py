@@ -105,17 +105,23 @@ def test_ewc_gradient_equals_autograd(normalize):
 
 def test_frozen_parameters_get_no_penalty_gradient():
     backbone, head = small_model()
-    reg = L2SP(alpha=1.0, beta=1.0)
+    reg = L2SP(alpha=0.7, beta=0.05)
     reg.attach(MethodContext(backbone=backbone, head=head))
+    anchors = [p.detach().clone() for p in backbone.blocks[1].parameters()]
     move(backbone)
     frozen = list(backbone.blocks[0].parameters())
     x, y = batch()
     F.cross_entropy(head(backbone(x)), y).backward()
     for p in frozen:
         p.grad = None  # what a freeze policy does for a block frozen this epoch
+    task = [p.grad.clone() for p in [*backbone.blocks[1].parameters(), *head.parameters()]]
     reg.add_penalty_grad_()
     assert all(p.grad is None for p in frozen)
-    assert all(p.grad is not None for p in backbone.blocks[1].parameters())
+    # the parameters that train get theirs, as if nothing were frozen: α(w − w₀) and β·w on the head
+    for p, w0, g in zip(backbone.blocks[1].parameters(), anchors, task):
+        torch.testing.assert_close(p.grad, g + 0.7 * (p.detach() - w0), atol=1e-7, rtol=1e-6)
+    for p, g in zip(head.parameters(), task[len(anchors):]):
+        torch.testing.assert_close(p.grad, g + 0.05 * p.detach(), atol=1e-7, rtol=1e-6)
 
 
 def per_sample_loop_fisher(model, params, x, y):

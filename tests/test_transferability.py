@@ -167,7 +167,9 @@ def test_nce_with_an_unused_source_class():
     theta[:, 5] = 0.0  # never the argmax, never any mass: P̂(z=5) = 0 must not divide by zero
     theta /= theta.sum(axis=1, keepdims=True)
     assert tr.nce(theta, y) == pytest.approx(nce_by_loops(theta, list(y)), rel=1e-12)
-    assert math.isfinite(tr.leep(theta, y))
+    # LEEP: a source class with no mass adds nothing (P̂(y|z=5) is 0/0, weighted by θ_5 = 0): the
+    # score of the five used classes alone
+    assert tr.leep(theta, y) == pytest.approx(leep_by_loops(theta[:, :5], list(y)), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
