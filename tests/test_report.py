@@ -465,6 +465,26 @@ def test_load_runs_reads_overrides_and_natural_order(tmp_path):
     assert runs[0]["dir"] == tmp_path / "2" and runs[0]["metrics"]["target/test_acc"] == 0.9
 
 
+def test_overrides_yaml_is_read_as_hydra_writes_it(tmp_path):
+    """Hydra writes .hydra/overrides.yaml as a YAML list of strings, quoting where YAML needs it:
+    each override comes back as written (quotes, commas, brackets, braces, '=' in the value, '+' / '~')."""
+    written = ["seed=0", "+regularizer@extra_regularizers.bss2=bss", "~trainer.gradient_clip_val",
+               "+note='x, y' #c", 'label="[z]: w"', "data.ood_domains=[1,2]", "+meta={a: 1, b: [2]}",
+               "target.lr=1e-3", "expr=a=b", "key=", "flag=true", "name=null", "- odd=1"]
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump(written))
+    assert report.read_overrides(str(path)) == written
+    path.write_text("- seed=0\n- regularizer=l2sp\n")  # Hydra's plain form
+    assert report.read_overrides(str(path)) == ["seed=0", "regularizer=l2sp"]
+    path.write_text("")
+    assert report.read_overrides(str(path)) == []
+    path.write_text("seed: 0\n")  # not a list
+    assert report.read_overrides(str(path)) is None
+    path.write_text("- [unclosed\n")  # not YAML
+    assert report.read_overrides(str(path)) is None
+    assert report.read_overrides(str(tmp_path / "missing.yaml")) is None
+
+
 def test_wise_ft_table_means_the_curve_and_counts_the_chosen_alphas(tmp_path):
     from transferlab.evidence import by_setting, wise_ft_table
 
