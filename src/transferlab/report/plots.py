@@ -20,11 +20,16 @@ def plot_metrics_by_key(rows: list[dict], plot_dir: Path) -> list[Path]:
         others = [k for k in keys if k != key]
         values = list(dict.fromkeys(row["params"].get(key, NO_VALUE) for row in rows))
         numeric = all(is_number(v) for v in values)
+        # categorical x: numbers by value (α = 0.001, 0.01, 0.1, 1), then the rest as they came
+        order = {v: i for i, v in enumerate(sorted(values, key=lambda v: (0, float(v), 0) if is_number(v)
+                                                   else (1, 0.0, values.index(v))))}
         for metric in metric_names(rows):
             members = [row for row in rows if row[metric]["n"] > 0]
             if not members:
                 continue
-            group = lambda row: " ".join(f"{k}={row['params'].get(k, NO_VALUE)}" for k in others) or None  # noqa: E731
+            # a preset's group path goes, as in the setting names (runs.with_display_names)
+            group = lambda row: " ".join(f"{k.rsplit('/', 1)[-1]}={row['params'].get(k, NO_VALUE)}"  # noqa: E731
+                                         for k in others) or None
             if numeric:
                 series: dict[str, list] = {}
                 for row in members:
@@ -32,6 +37,7 @@ def plot_metrics_by_key(rows: list[dict], plot_dir: Path) -> list[Path]:
                         {"x": float(row["params"].get(key)), **row[metric]})
                 plot = figures.numeric(series, metric, key, save_to=plot_dir / f"{slug(metric)}_vs_{slug(key)}")
             else:
+                members = sorted(members, key=lambda row: order[row["params"].get(key, NO_VALUE)])
                 points = [{"label": str(row["params"].get(key, NO_VALUE)), "group": group(row), **row[metric]}
                           for row in members]
                 plot = figures.categorical(points, metric, key, save_to=plot_dir / f"{slug(metric)}_vs_{slug(key)}")
