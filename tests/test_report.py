@@ -465,6 +465,52 @@ def test_load_runs_reads_overrides_and_natural_order(tmp_path):
     assert runs[0]["dir"] == tmp_path / "2" and runs[0]["metrics"]["target/test_acc"] == 0.9
 
 
+def test_settings_and_categorical_figures_order_numbers_by_value(tmp_path, monkeypatch):
+    """α = 0.001, 0.01, 0.1, 1 in that order in the table and on a categorical axis (α is
+    categorical when an arm without it shares the sweep), however the job folders sort as text;
+    a preset's group path goes from the legend, as from the setting names."""
+    from transferlab import figures
+
+    for alpha in ("0.1", "1", "0.01", "0.001"):
+        for seed in range(2):
+            write_job(tmp_path, f"+ablation/regularizer=l2sp,regularizer.alpha={alpha},seed={seed}",
+                      config=make_config(seed=seed, regularizer="l2sp"),
+                      overrides=["+ablation/regularizer=l2sp", f"regularizer.alpha={alpha}", f"seed={seed}"])
+    for seed in range(2):
+        write_job(tmp_path, f"+ablation/regularizer=none,seed={seed}", config=make_config(seed=seed),
+                  overrides=["+ablation/regularizer=none", f"seed={seed}"])
+    runs, rows = analyse(tmp_path)
+    assert list(rows) == [f"regularizer=l2sp regularizer.alpha={a}" for a in ("0.001", "0.01", "0.1", "1")] + [
+        "regularizer=none"]
+    drawn = []
+    real = figures.categorical
+    monkeypatch.setattr(figures, "categorical", lambda points, *a, **k: drawn.append(list(points)) or real(points, *a, **k))
+    report.write_report(tmp_path)
+    by_alpha = next(points for points in drawn if {p["label"] for p in points} >= {"0.001", "1"})
+    assert list(dict.fromkeys(p["label"] for p in by_alpha)) == ["0.001", "0.01", "0.1", "1", "—"]
+    assert {p["group"] for p in by_alpha} == {"regularizer=l2sp", "regularizer=none"}
+
+
+def test_overrides_yaml_is_read_as_hydra_writes_it(tmp_path):
+    """Hydra writes .hydra/overrides.yaml as a YAML list of strings, quoting where YAML needs it:
+    each override comes back as written (quotes, commas, brackets, braces, '=' in the value, '+' / '~')."""
+    written = ["seed=0", "+regularizer@extra_regularizers.bss2=bss", "~trainer.gradient_clip_val",
+               "+note='x, y' #c", 'label="[z]: w"', "data.ood_domains=[1,2]", "+meta={a: 1, b: [2]}",
+               "target.lr=1e-3", "expr=a=b", "key=", "flag=true", "name=null", "- odd=1"]
+    path = tmp_path / "overrides.yaml"
+    path.write_text(yaml.safe_dump(written))
+    assert report.read_overrides(str(path)) == written
+    path.write_text("- seed=0\n- regularizer=l2sp\n")  # Hydra's plain form
+    assert report.read_overrides(str(path)) == ["seed=0", "regularizer=l2sp"]
+    path.write_text("")
+    assert report.read_overrides(str(path)) == []
+    path.write_text("seed: 0\n")  # not a list
+    assert report.read_overrides(str(path)) is None
+    path.write_text("- [unclosed\n")  # not YAML
+    assert report.read_overrides(str(path)) is None
+    assert report.read_overrides(str(tmp_path / "missing.yaml")) is None
+
+
 def test_wise_ft_table_means_the_curve_and_counts_the_chosen_alphas(tmp_path):
     from transferlab.evidence import by_setting, wise_ft_table
 

@@ -17,10 +17,10 @@
 - **Transferability**: LogME / LEEP / NCE / H-score per setting, and across settings Kendall's τ
   and Spearman's ρ against the realized target metric and gain.
 
-Each section function takes the report's runs (report.load_run dicts, with "setting", "metrics",
-"config", "task") and the plots folder, and returns its report.md lines. Seeds are the trial seed
-(`config.seed`); settings never pool different hyper-parameters (DomainBed #111): everything but
-the seed that was swept is part of the setting.
+Each section function takes the report's runs (report.runs.load_run dicts, with "setting",
+"metrics", "config", "task") and the plots folder, and returns its report.md lines. Seeds are the
+trial seed (`config.seed`); settings never pool different hyper-parameters (DomainBed #111):
+everything but the seed that was swept is part of the setting.
 """
 
 from __future__ import annotations
@@ -45,9 +45,15 @@ def by_setting(runs: list[dict]) -> dict[str, list[dict]]:
     return settings
 
 
+def primary_metric(run: dict) -> str:
+    """The run's headline metric ("acc", "f1", "ppl"): results.json's task.primary_metric; acc for
+    runs recorded before results.json had a task block."""
+    return str((run.get("task") or {}).get("primary_metric") or "acc")
+
+
 def primary(runs: list[dict]) -> str:
-    names = list(dict.fromkeys(str((r.get("task") or {}).get("primary_metric") or "acc") for r in runs))
-    return names[0] if names else "acc"
+    """The first run's primary metric (acc for no runs)."""
+    return primary_metric(runs[0]) if runs else "acc"
 
 
 def higher_is_better(runs: list[dict]) -> bool:

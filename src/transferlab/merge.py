@@ -60,14 +60,16 @@ from transferlab.collectives import uses_cuda
 from transferlab.config import register_schemas
 from transferlab.data.loaders import EVAL_BATCH, make_loader
 from transferlab.errors import TransferlabError
-from transferlab.evidence import p_text
+from transferlab.evidence import p_text, primary_metric
 from transferlab.experiment import build_setup
 from transferlab.files import atomic_write, atomic_write_text, file_digest
 from transferlab.freeze.lora import is_conv1d
 from transferlab.merging import Knob, MergeMethod, methods
 from transferlab.merging.base import LAMBDA
 from transferlab.regularizers.fisher import diagonal_fisher
-from transferlab.report import SOURCE_DATA_KEYS, assign_settings, canonical, load_runs, tex_escape
+from transferlab.report.pairing import SOURCE_DATA_KEYS
+from transferlab.report.runs import assign_settings, canonical, load_runs
+from transferlab.report.tables import tex_escape
 from transferlab.tasks import IGNORE, evaluating, task_of, to_device
 from transferlab.weights import add, average, fold_lora, has_adapters, state_digest
 
@@ -137,7 +139,7 @@ def find_runs(sweep_dir: Path) -> list[Run]:
         raise TransferlabError(f"{sweep_dir}: no readable results.json under it; point at a sweep dir of fine-tunes")
     runs = []
     for r in assign_settings(loaded):
-        primary = str((r.get("task") or {}).get("primary_metric") or "acc")
+        primary = primary_metric(r)
         runs.append(Run(r["dir"], r["name"], str(r["status"]), r["config"], r["setting"],
                         task_key(r["config"], primary), primary))
     return runs
