@@ -181,7 +181,7 @@ def lwf_on(backbone, head, x):
     ctx = MethodContext(backbone=backbone, head=head, task=LanguageModeling())
     lwf = LwF(lam=0.5, temperature=2.0)
     lwf.use_statistics(lwf.compute_statistics(ctx), ctx)
-    ctx.start_weights  # noqa: B018  taken before training, as the stage does
+    ctx.take_start_weights()  # before training, as the stage does
     lwf.attach(ctx)
     return lwf
 

@@ -31,8 +31,9 @@ from transferlab.diagnostics import weight_diagnostics
 from transferlab.errors import ConfigError, Preempted, TransferlabError, user_message
 from transferlab.harness import evaluate_harness
 from transferlab.method import MethodContext
-from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
-from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method_statistics, obtain_source, obtain_target
+from transferlab.results import git_state, package_versions, write_results
+from transferlab.run_dir import identify
+from transferlab.stage_store import method_statistics, obtain_source, obtain_target
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.source import load_source_checkpoint
 from transferlab.stages.module import TaskModule
@@ -43,13 +44,6 @@ from transferlab.weights import interpolate  # WiSE-FT's θ(α): the one weight-
 
 log = logging.getLogger(__name__)
 
-# Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
-# whether a run dir already holds this run.
-EXECUTION_KEYS = ("force", "cache", "logger", "report", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
-                  "trainer.checkpoint_interval_s", "trainer.pin_memory", "trainer.strategy", "trainer.num_nodes",
-                  "trainer.gradient_checkpointing", "backbone.gradient_checkpointing")
-
-
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run one experiment into `run_dir`; an interrupted run of the same config there is resumed."""
     run_dir = Path(run_dir)
@@ -57,15 +51,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     ensure_process_group(cfg)  # under DDP every rank runs this function; rank 0 alone writes
     writer = is_global_zero()
-    recorded = recorded_run(run_dir)
-    previous = completed_run(run_dir, recorded, config)
-    # An unfinished run (killed, preempted or failed) of this config: its stage checkpoints go on.
-    resumed = (recorded is not None and recorded.get("status") != "completed"
-               and same_config(recorded.get("config", {}), config))
-    if recorded is not None and recorded.get("status") != "completed" and not resumed:
-        log.info("%s holds an unfinished run of another config (first difference: %s): starting afresh", run_dir,
-                 first_difference(comparable(recorded.get("config", {})),
-                                  comparable(without_new_neutral_keys(config, recorded.get("config", {})))))
+    # A completed run of this config is skipped; an unfinished one (killed, preempted or failed)
+    # resumes: its stage checkpoints go on.
+    previous, resumed = identify(run_dir, config)
     barrier()  # every rank has read the run dir before rank 0 changes it
     if previous is not None and not cfg.force:
         log.info("skipped: %s already holds a completed run of this config (force=true reruns it)", run_dir)
@@ -104,87 +92,6 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
             write_results(run_dir, results)
     log_results_to_wandb(cfg, run_dir, results)  # logger=wandb: results.json's metrics in the target run's summary
     return results
-
-
-def recorded_run(run_dir: Path) -> dict | None:
-    """The results.json already in `run_dir`, if any (an unreadable one counts as none: the run
-    reruns and rewrites it)."""
-    if not (run_dir / RESULTS_FILE).is_file():
-        return None
-    try:
-        return read_results(run_dir)
-    except (OSError, ValueError):
-        return None
-
-
-def completed_run(run_dir: Path, recorded: dict | None, config: dict) -> dict | None:
-    """`recorded` (run_dir's results) when it is a completed run of this same config, else None.
-
-    A completed run of a *different* config is never overwritten silently: that is an error.
-    """
-    if recorded is None or recorded.get("status") != "completed":
-        return None
-    if not same_config(recorded.get("config", {}), config):
-        if config.get("force"):
-            return None
-        raise ConfigError(f"{run_dir} already holds a completed run of a different config; "
-                          "choose another hydra.run.dir / hydra.sweep.dir, or force=true to overwrite it")
-    return recorded
-
-
-def same_config(previous: dict, current: dict) -> bool:
-    """Whether a run dir's recorded config is this one, execution keys aside. A key the recorded
-    config lacks (added to transferlab since) matches when it holds a neutral value here (null,
-    false, empty, or the behaviour every run had before the key existed), so an upgrade does not
-    turn every finished sweep into "a different config"."""
-    return comparable(previous) == comparable(without_new_neutral_keys(current, previous))
-
-
-LM_EVAL_OFF = {"tasks": [], "limit": None, "num_fewshot": None, "include_path": None, "batch_size": 8}
-# Keys added since runs were first recorded, with the value that reproduces what those runs did.
-NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
-                    ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER,
-                    ("evaluate",): {"transferability": True, "wise_ft_alphas": [], "diagnostics": True,
-                                    "lm_eval": LM_EVAL_OFF},
-                    ("evaluate", "diagnostics"): True,  # a measurement added since: it trains nothing differently
-                    ("evaluate", "lm_eval"): LM_EVAL_OFF,
-                    ("data", "ood_test_size"): 2000}
-
-
-def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) -> dict:
-    kept = {}
-    for key, value in current.items():
-        if key not in previous:
-            if value in (None, False, [], {}) or NEUTRAL_NEW_KEYS.get((*path, key)) == value:
-                continue
-        elif isinstance(value, dict) and isinstance(previous[key], dict):
-            value = without_new_neutral_keys(value, previous[key], (*path, key))
-        kept[key] = value
-    return kept
-
-
-def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    """The first key (dotted) whose value differs between two configs, with both values."""
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            found = first_difference(x, y, f"{prefix}{key}.")
-            if found:
-                return found
-        elif x != y:
-            return f"{prefix}{key}: {x!r} then, {y!r} now"
-    return None
-
-
-def comparable(config: dict) -> dict:
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
-    for key in EXECUTION_KEYS:
-        section, _, name = key.partition(".")
-        if name and isinstance(config.get(section), dict):
-            config[section].pop(name, None)
-        elif not name:
-            config.pop(section, None)
-    return config
 
 
 def one_line(e: BaseException) -> str:
@@ -281,7 +188,7 @@ def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> t
     # was trained just now, loaded from the cache, or skipped (scratch).
     pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
     if cfg.evaluate.wise_ft_alphas or cfg.evaluate.diagnostics:
-        context.start_weights  # noqa: B018  the snapshot WiSE-FT / diagnostics compare with, before any step
+        context.take_start_weights()  # what WiSE-FT / diagnostics compare with, before any step
     if context.task.kind == "language_modeling":
         start_language_model_stage(cfg, setup, context, metrics)
     if cfg.evaluate.lm_eval.tasks:
