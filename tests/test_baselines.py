@@ -18,6 +18,13 @@ from transferlab.soup import average, make_soups
 from transferlab.tasks import Classification
 
 
+def at_start(**fields) -> MethodContext:
+    """A context as the target stage hands it to a method that `uses_start_weights`: taken."""
+    ctx = MethodContext(**fields)
+    ctx.take_start_weights()
+    return ctx
+
+
 def block_output(backbone, x, j, zero_channel=None):
     """Block j's output computed by running the blocks one by one (no hooks)."""
     for i, block in enumerate(backbone.blocks[: j + 1]):
@@ -40,7 +47,7 @@ def test_delta_attention_free_loss_is_the_feature_map_distance():
     start = SmallCNN((1, 8, 8), channels=[4, 6])
     start.load_state_dict(backbone.state_dict())
     delta = DELTA(alpha=0.3, beta=0.0, blocks=[0, 1], attention=False)
-    delta.attach(MethodContext(backbone=backbone, head=head))
+    delta.attach(at_start(backbone=backbone, head=head))
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -115,7 +122,7 @@ def test_delta_alpha_is_the_reference_trade_off_times_its_batch_size():
     delta = DELTA(alpha=trade_off * batch, beta=0.0, blocks=[0], attention=True)
     softmax = torch.softmax(torch.tensor([0.3, -1.0, 2.0, 0.1]), 0)
     delta.channel_weights = [4 * softmax]
-    delta.attach(MethodContext(backbone=backbone, head=head))
+    delta.attach(at_start(backbone=backbone, head=head))
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -141,8 +148,8 @@ def delta_pair(backbone, head, loader, **settings):
     """Two DELTAs at the same start: one given the training split (its start features stored
     once), one without (the frozen copy runs on every batch)."""
     stored, forward = DELTA(**settings), DELTA(**settings)
-    stored.attach(MethodContext(backbone=backbone, head=head, target_loader=loader))
-    forward.attach(MethodContext(backbone=backbone, head=head))
+    stored.attach(at_start(backbone=backbone, head=head, target_loader=loader))
+    forward.attach(at_start(backbone=backbone, head=head))
     assert stored.start_features is not None and forward.start_features is None
     return stored, forward
 

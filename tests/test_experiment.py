@@ -87,7 +87,7 @@ def test_source_after_is_the_kept_source_head_on_the_moved_backbone(make_cfg, tm
 
 
 def test_a_key_added_since_a_run_was_recorded_still_matches_it_when_neutral():
-    from transferlab.experiment import same_config
+    from transferlab.run_dir import same_config
 
     recorded = {"seed": 0, "data": {"dataset": "x"}, "trainer": {"precision": "32-true"}}
     now = {"seed": 0, "data": {"dataset": "x", "source_dataset": None},

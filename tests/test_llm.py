@@ -147,6 +147,18 @@ def test_language_modeling_runs_measure_perplexity_and_forgetting(tmp_path, llam
     assert m["transfer/forgetting"] != 0.0  # the head the source is measured with is the one that trained
 
 
+
+def test_wise_ft_forgetting_of_a_language_model_is_each_alphas_own(tmp_path, llama_folder):
+    """At every α the source corpus is measured on θ(α): its forgetting in nats per token is that
+    α's, log(ppl_after(α) / ppl_before) — not the tuned model's (α = 1) at every α."""
+    cfg = lm_config(tmp_path, llama_folder, "freeze=full", "evaluate.wise_ft_alphas=[0,1]", "evaluate.diagnostics=false")
+    m = run_experiment(cfg, tmp_path / "run")["metrics"]
+    for alpha in ("0", "1"):
+        relative = m[f"wise_ft/{alpha}/transfer/forgetting_relative"]
+        assert m[f"wise_ft/{alpha}/transfer/forgetting_nll"] == pytest.approx(math.log1p(relative), rel=1e-5, abs=1e-7)
+    assert m["wise_ft/1/transfer/forgetting_nll"] == pytest.approx(m["transfer/forgetting_nll"])
+    assert m["wise_ft/0/transfer/forgetting_nll"] != pytest.approx(m["transfer/forgetting_nll"])
+
 def val_ppl_per_epoch(run_dir):
     import csv
 
@@ -181,7 +193,7 @@ def lwf_on(backbone, head, x):
     ctx = MethodContext(backbone=backbone, head=head, task=LanguageModeling())
     lwf = LwF(lam=0.5, temperature=2.0)
     lwf.use_statistics(lwf.compute_statistics(ctx), ctx)
-    ctx.start_weights  # noqa: B018  taken before training, as the stage does
+    ctx.take_start_weights()  # before training, as the stage does
     lwf.attach(ctx)
     return lwf
 

@@ -98,6 +98,13 @@ class SourceMode(Enum):
     pretrained = "pretrained"  # no source stage: the backbone's pretrained weights are the start (and L2-SP's anchor)
 
 
+# The recipe every run used before optimizers and schedules were config groups: left out of the
+# cache keys (stage_store) and matched by recorded configs that lack it (run_dir), so earlier
+# entries and runs stay valid.
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
+DEFAULT_SCHEDULER = {"_target_": "transferlab.optim.constant", "_partial_": True, "warmup_steps": 0, "warmup_ratio": 0.0}
+
+
 @dataclass
 class SourceConfig:
     mode: SourceMode = SourceMode.train

@@ -3,7 +3,10 @@
     validate → data → backbone → source stage → adapt → methods' statistics → target stage → evaluation
 
 `run_experiment` is a plain function: the CLI calls it, and so do tests (through Hydra's compose
-API), without a subprocess. `run_stages` is that list, one call per stage.
+API), without a subprocess. `run_stages` is that list, one call per stage, each stage taking the
+one `RunState` and filling in its part; the evaluations after the target stage are the ordered
+`AFTER_TARGET`, scoring through the same `target_scores` / `source_test_scores`. Whether the run
+dir already holds this run (skip / resume / refuse) is `run_dir.py`'s business.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from transferlab.diagnostics import weight_diagnostics
 from transferlab.errors import ConfigError, Preempted, TransferlabError, user_message
 from transferlab.harness import evaluate_harness
 from transferlab.method import MethodContext
-from transferlab.results import RESULTS_FILE, git_state, package_versions, read_results, write_results
-from transferlab.stage_store import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, method_statistics, obtain_source, obtain_target
+from transferlab.results import git_state, package_versions, write_results
+from transferlab.run_dir import identify
+from transferlab.stage_store import method_statistics, obtain_source, obtain_target
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.source import load_source_checkpoint
 from transferlab.stages.module import TaskModule
@@ -43,13 +47,6 @@ from transferlab.weights import interpolate  # WiSE-FT's θ(α): the one weight-
 
 log = logging.getLogger(__name__)
 
-# Keys that choose *how* a run is executed, not *what* it computes: ignored when deciding
-# whether a run dir already holds this run.
-EXECUTION_KEYS = ("force", "cache", "logger", "report", "trainer.num_threads", "trainer.checkpoint_every_n_steps",
-                  "trainer.checkpoint_interval_s", "trainer.pin_memory", "trainer.strategy", "trainer.num_nodes",
-                  "trainer.gradient_checkpointing", "backbone.gradient_checkpointing")
-
-
 def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run one experiment into `run_dir`; an interrupted run of the same config there is resumed."""
     run_dir = Path(run_dir)
@@ -57,15 +54,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     ensure_process_group(cfg)  # under DDP every rank runs this function; rank 0 alone writes
     writer = is_global_zero()
-    recorded = recorded_run(run_dir)
-    previous = completed_run(run_dir, recorded, config)
-    # An unfinished run (killed, preempted or failed) of this config: its stage checkpoints go on.
-    resumed = (recorded is not None and recorded.get("status") != "completed"
-               and same_config(recorded.get("config", {}), config))
-    if recorded is not None and recorded.get("status") != "completed" and not resumed:
-        log.info("%s holds an unfinished run of another config (first difference: %s): starting afresh", run_dir,
-                 first_difference(comparable(recorded.get("config", {})),
-                                  comparable(without_new_neutral_keys(config, recorded.get("config", {})))))
+    # A completed run of this config is skipped; an unfinished one (killed, preempted or failed)
+    # resumes: its stage checkpoints go on.
+    previous, resumed = identify(run_dir, config)
     barrier()  # every rank has read the run dir before rank 0 changes it
     if previous is not None and not cfg.force:
         log.info("skipped: %s already holds a completed run of this config (force=true reruns it)", run_dir)
@@ -104,87 +95,6 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path) -> dict:
             write_results(run_dir, results)
     log_results_to_wandb(cfg, run_dir, results)  # logger=wandb: results.json's metrics in the target run's summary
     return results
-
-
-def recorded_run(run_dir: Path) -> dict | None:
-    """The results.json already in `run_dir`, if any (an unreadable one counts as none: the run
-    reruns and rewrites it)."""
-    if not (run_dir / RESULTS_FILE).is_file():
-        return None
-    try:
-        return read_results(run_dir)
-    except (OSError, ValueError):
-        return None
-
-
-def completed_run(run_dir: Path, recorded: dict | None, config: dict) -> dict | None:
-    """`recorded` (run_dir's results) when it is a completed run of this same config, else None.
-
-    A completed run of a *different* config is never overwritten silently: that is an error.
-    """
-    if recorded is None or recorded.get("status") != "completed":
-        return None
-    if not same_config(recorded.get("config", {}), config):
-        if config.get("force"):
-            return None
-        raise ConfigError(f"{run_dir} already holds a completed run of a different config; "
-                          "choose another hydra.run.dir / hydra.sweep.dir, or force=true to overwrite it")
-    return recorded
-
-
-def same_config(previous: dict, current: dict) -> bool:
-    """Whether a run dir's recorded config is this one, execution keys aside. A key the recorded
-    config lacks (added to transferlab since) matches when it holds a neutral value here (null,
-    false, empty, or the behaviour every run had before the key existed), so an upgrade does not
-    turn every finished sweep into "a different config"."""
-    return comparable(previous) == comparable(without_new_neutral_keys(current, previous))
-
-
-LM_EVAL_OFF = {"tasks": [], "limit": None, "num_fewshot": None, "include_path": None, "batch_size": 8}
-# Keys added since runs were first recorded, with the value that reproduces what those runs did.
-NEUTRAL_NEW_KEYS = {("source", "optimizer"): DEFAULT_OPTIMIZER, ("source", "scheduler"): DEFAULT_SCHEDULER,
-                    ("target", "optimizer"): DEFAULT_OPTIMIZER, ("target", "scheduler"): DEFAULT_SCHEDULER,
-                    ("evaluate",): {"transferability": True, "wise_ft_alphas": [], "diagnostics": True,
-                                    "lm_eval": LM_EVAL_OFF},
-                    ("evaluate", "diagnostics"): True,  # a measurement added since: it trains nothing differently
-                    ("evaluate", "lm_eval"): LM_EVAL_OFF,
-                    ("data", "ood_test_size"): 2000}
-
-
-def without_new_neutral_keys(current: dict, previous: dict, path: tuple = ()) -> dict:
-    kept = {}
-    for key, value in current.items():
-        if key not in previous:
-            if value in (None, False, [], {}) or NEUTRAL_NEW_KEYS.get((*path, key)) == value:
-                continue
-        elif isinstance(value, dict) and isinstance(previous[key], dict):
-            value = without_new_neutral_keys(value, previous[key], (*path, key))
-        kept[key] = value
-    return kept
-
-
-def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    """The first key (dotted) whose value differs between two configs, with both values."""
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            found = first_difference(x, y, f"{prefix}{key}.")
-            if found:
-                return found
-        elif x != y:
-            return f"{prefix}{key}: {x!r} then, {y!r} now"
-    return None
-
-
-def comparable(config: dict) -> dict:
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
-    for key in EXECUTION_KEYS:
-        section, _, name = key.partition(".")
-        if name and isinstance(config.get(section), dict):
-            config[section].pop(name, None)
-        elif not name:
-            config.pop(section, None)
-    return config
 
 
 def one_line(e: BaseException) -> str:
@@ -255,6 +165,31 @@ def peak_rss_mb() -> tuple[float, str]:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "process"
 
 
+@dataclass
+class RunState:
+    """What the stages hand on, one to the next: `run_stages` builds it once and passes it to each
+    stage, which reads what earlier stages left and fills in its own part."""
+
+    cfg: DictConfig
+    run_dir: Path
+    setup: Setup  # the data and the components (backbone, freeze policy, regularizers)
+    cache: StageCache | None  # None: cache=off
+    metrics: dict  # results.json's metrics so far, filled in place (an interrupted run keeps them)
+    source_model: TaskModule | None = None  # the source stage's backbone + kept head; None: no source stage
+    context: MethodContext | None = None  # what the methods may use (after adapt)
+    lm_head: torch.nn.Module | None = None  # the head lm-eval scores before the target stage
+    target_model: TaskModule | None = None  # the target stage's backbone + new head
+
+    @property
+    def device(self) -> torch.device:
+        return stage_device(self.cfg.trainer)
+
+    @property
+    def task(self):
+        """The target task (tasks.Task)."""
+        return self.context.task
+
+
 def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> tuple[dict, dict]:
     """The stages in order; returns (metrics, the task block of results.json). `metrics`, when
     given, is filled in place as each stage measures."""
@@ -266,37 +201,23 @@ def run_stages(cfg: DictConfig, run_dir: Path, metrics: dict | None = None) -> t
     cache = (StageCache(cfg.cache.dir, lock=cfg.cache.lock, stale_lock_s=cfg.cache.stale_lock_s)
              if cfg.cache.enabled else None)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    setup = build_setup(cfg)
-    metrics = {} if metrics is None else metrics
-    metrics.update({f"data/target_{k}_size": v for k, v in setup.data.target.sizes().items()})
-    source_model = source_stage(cfg, setup, run_dir, cache, metrics)
-    # Adapters (LoRA) go in after the source stage, which trains without them, and before the
-    # methods' statistics (EWC's Fisher), which then cover what the target stage trains.
-    setup.freeze.adapt_backbone(setup.backbone, seed=cfg.seed)
-    context = method_context(cfg, setup, source_model)
-    statistics_stage(cfg, setup, context, cache if setup.mode == "train" else None, metrics)
-    if cfg.evaluate.transferability:
-        transferability_stage(cfg, setup, context, metrics)
+    state = RunState(cfg, run_dir, build_setup(cfg), cache, {} if metrics is None else metrics)
+    state.metrics.update({f"data/target_{k}_size": v for k, v in state.setup.data.target.sizes().items()})
+    source_stage(state)
+    adapt_stage(state)
+    statistics_stage(state)
+    transferability_stage(state)
     # The target stage starts from its own seed, so it is the same whether the source stage
     # was trained just now, loaded from the cache, or skipped (scratch).
     pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
     if cfg.evaluate.wise_ft_alphas or cfg.evaluate.diagnostics:
-        context.start_weights  # noqa: B018  the snapshot WiSE-FT / diagnostics compare with, before any step
-    if context.task.kind == "language_modeling":
-        start_language_model_stage(cfg, setup, context, metrics)
-    if cfg.evaluate.lm_eval.tasks:
-        lm_head = context.source_head if context.source_head is not None else setup.backbone.language_model_head()
-        harness_stage(cfg, setup, lm_head, "before", metrics)
-    target_model = target_stage(cfg, setup, run_dir, context, cache, metrics)
-    evaluation_stage(cfg, setup, target_model, source_model, context, metrics)
-    if cfg.evaluate.lm_eval.tasks:  # a language-modeling target trained its head: that one; else the kept one
-        harness_stage(cfg, setup, target_model.head if context.task.kind == "language_modeling" else lm_head,
-                      "after", metrics)
-    if cfg.evaluate.diagnostics:  # before WiSE-FT, which swaps the weights (and restores them)
-        diagnostics_stage(cfg, setup, context, metrics)
-    if cfg.evaluate.wise_ft_alphas:
-        wise_ft_stage(cfg, setup, target_model, source_model, context, metrics)
-    return metrics, context.task.describe(majority_test=majority_score(context.task, setup.data))
+        state.context.take_start_weights()  # what WiSE-FT / diagnostics compare with, before any step
+    start_language_model_stage(state)
+    harness_stage(state, "before")
+    target_stage(state)
+    for evaluation in AFTER_TARGET:
+        evaluation(state)
+    return state.metrics, state.task.describe(majority_test=majority_score(state.task, state.setup.data))
 
 
 def build_setup(cfg) -> Setup:
@@ -336,15 +257,16 @@ def build_setup(cfg) -> Setup:
     return Setup(data, backbone, freeze, regularizer, extras, mode)
 
 
-def source_stage(cfg, setup: Setup, run_dir: Path, cache: StageCache | None, metrics: dict):
+def source_stage(state: RunState) -> None:
     """Train (or take from the cache, or load) the source stage; measure it on its test split."""
+    cfg, setup, metrics = state.cfg, state.setup, state.metrics
     if not setup.has_source:
-        return None
+        return
     data = setup.data
     metrics.update({f"data/source_{k}_size": v for k, v in data.source.sizes().items()})
     started = time.time()
     if setup.mode == "train":
-        source_model, info = obtain_source(cfg, data, setup.backbone, run_dir, cache)
+        source_model, info = obtain_source(cfg, data, setup.backbone, state.run_dir, state.cache)
     elif setup.mode == "pretrained":  # a language model: its own head on the general-text corpus
         source_model, info = TaskModule(setup.backbone, setup.backbone.language_model_head(), stage="source",
                                         task=task_of(data.source), lr=0.0), {}
@@ -353,9 +275,16 @@ def source_stage(cfg, setup: Setup, run_dir: Path, cache: StageCache | None, met
     metrics.update(info)
     metrics["time/source_s"] = round(time.time() - started, 3)
     fault_point("after:source")
-    before = source_model.task.evaluate(source_model.to(stage_device(cfg.trainer)), source_test_loader(data))
-    metrics.update({f"source/test_{k}_before": v for k, v in before.items()})
-    return source_model
+    state.source_model = source_model
+    metrics.update({f"source/test_{k}_before": v for k, v in source_test_scores(state).items()})
+
+
+def adapt_stage(state: RunState) -> None:
+    """Adapters (LoRA) go in after the source stage, which trains without them, and before the
+    methods' statistics (EWC's Fisher), which then cover what the target stage trains; then the
+    methods' context."""
+    state.setup.freeze.adapt_backbone(state.setup.backbone, seed=state.cfg.seed)
+    state.context = method_context(state.cfg, state.setup, state.source_model)
 
 
 def method_context(cfg, setup: Setup, source_model) -> MethodContext:
@@ -371,16 +300,18 @@ def method_context(cfg, setup: Setup, source_model) -> MethodContext:
         seed=cfg.seed)
 
 
-def statistics_stage(cfg, setup: Setup, context: MethodContext, cache: StageCache | None, metrics: dict) -> None:
-    """What each method computes once before the target stage, through one cached path."""
+def statistics_stage(state: RunState) -> None:
+    """What each method computes once before the target stage, through one cached path (the
+    stage cache only for a source stage trained here)."""
+    setup, context, metrics = state.setup, state.context, state.metrics
+    cache = state.cache if setup.mode == "train" else None
     for method in setup.methods:
         if not method.statistics_inputs:
             continue
         started = time.time()
-        device = stage_device(cfg.trainer)  # where training runs: the Fisher is a backward pass
-        if context.source_model is not None:
-            context.source_model.to(device)
-        hit = method_statistics(cfg, setup.data, method, context, cache, setup.freeze.adapter_settings())
+        if context.source_model is not None:  # where training runs: the Fisher is a backward pass
+            context.source_model.to(state.device)
+        hit = method_statistics(state.cfg, setup.data, method, context, cache, setup.freeze.adapter_settings())
         metrics[f"time/{method.name}_statistics_s"] = round(time.time() - started, 3)
         metrics[f"cache/{method.name}_statistics_hit"] = hit
         metrics.update({f"{method.name}/{key}": value for key, value in method.report().items()})
@@ -390,19 +321,20 @@ TRANSFERABILITY_EXAMPLES = 2000  # LogME's SVD of 2,000 × 384 features: ~1 s on
 
 
 @torch.no_grad()
-def transferability_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
+def transferability_stage(state: RunState) -> None:
     """Transferability scores (LogME, H-score; LEEP and NCE with a source head) of the target
     training set, from the features the target stage starts with — before any fine-tuning.
     Classification targets only (a token task's features are per token)."""
-    if context.task.token_level:
+    context = state.context
+    if not state.cfg.evaluate.transferability or context.task.token_level:
         return
     started = time.time()
-    backbone, device = setup.backbone, stage_device(cfg.trainer)
+    backbone, device = state.setup.backbone, state.device
     features, probs = [], []
-    y_train = setup.data.target.train[1]
+    y_train = state.setup.data.target.train[1]
     n = min(len(y_train), TRANSFERABILITY_EXAMPLES)  # the split is in random order: its first n
     with evaluating(backbone.to(device)):
-        for x, _ in make_loader(setup.data.target.train, EVAL_BATCH, shuffle=False):
+        for x, _ in make_loader(state.setup.data.target.train, EVAL_BATCH, shuffle=False):
             if sum(len(f) for f in features) >= n:
                 break
             f = backbone(to_device((x,), device)[0])
@@ -410,25 +342,27 @@ def transferability_stage(cfg, setup: Setup, context: MethodContext, metrics: di
             if context.source_head is not None:
                 probs.append(torch.softmax(context.source_head.to(device)(f).float(), -1).cpu())
     features, probs = torch.cat(features)[:n], (torch.cat(probs)[:n] if probs else None)
-    metrics.update(transferability_scores(features, y_train[:n], probs))
-    metrics["time/transferability_s"] = round(time.time() - started, 3)
+    state.metrics.update(transferability_scores(features, y_train[:n], probs))
+    state.metrics["time/transferability_s"] = round(time.time() - started, 3)
 
 
 @torch.no_grad()
-def start_language_model_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
+def start_language_model_stage(state: RunState) -> None:
     """The start model on the target test split: what continued training improves on (a language
     model has a target metric before any target training; `transfer/target_gain` is the change)."""
-    head = context.source_head if context.source_head is not None else setup.backbone.language_model_head()
-    start = TaskModule(setup.backbone, head, stage="target", task=context.task, lr=0.0)
-    test = make_loader(setup.data.target.test, eval_batch(setup.data.target), shuffle=False)
-    scores = context.task.evaluate(start.to(stage_device(cfg.trainer)), test)
-    metrics.update({f"target/test_{k}_before": v for k, v in scores.items()})
+    context = state.context
+    if context.task.kind != "language_modeling":
+        return
+    head = context.source_head if context.source_head is not None else state.setup.backbone.language_model_head()
+    start = TaskModule(state.setup.backbone, head, stage="target", task=context.task, lr=0.0)
+    state.metrics.update({f"target/test_{k}_before": v for k, v in target_scores(state, start, ("test",)).items()})
 
 
-def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, cache: StageCache | None, metrics: dict):
+def target_stage(state: RunState) -> None:
+    cfg, setup, metrics = state.cfg, state.setup, state.metrics
     started = time.time()
-    target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer, run_dir,
-                                       context, setup.extra_regularizers, cache)
+    state.target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer,
+                                             state.run_dir, state.context, setup.extra_regularizers, state.cache)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
     # Efficiency (target samples/s: train_target's) and the process's peak memory (RSS; on CUDA
@@ -437,30 +371,25 @@ def target_stage(cfg, setup: Setup, run_dir: Path, context: MethodContext, cache
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["efficiency/peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     fault_point("after:target")
-    return target_model
 
 
-def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: MethodContext, metrics: dict) -> None:
+# -- the evaluations after the target stage, in order: each takes the run state -----------------
+
+def evaluation_stage(state: RunState) -> None:
     """Selection happened on validation; the test split is evaluated here, once. Forgetting: the
     kept source head (trained on, under LwF) on the source test split, after the target stage."""
-    data, device = setup.data, stage_device(cfg.trainer)
-    target_test = make_loader(data.target.test, eval_batch(data.target), shuffle=False,
-                              num_workers=cfg.data.num_workers)
-    scores = context.task.evaluate(target_model.to(device), target_test)
-    metrics.update({f"target/test_{k}": v for k, v in scores.items()})
-    if f"target/test_{context.task.primary}_before" in metrics:  # a language model: its gain from continued training
-        before = metrics[f"target/test_{context.task.primary}_before"]
-        metrics["transfer/target_gain"] = before - scores[context.task.primary] if not context.task.higher_is_better \
-            else scores[context.task.primary] - before
-    if data.target.ood_test is not None:  # generalization: held-out domains or a shifted test split
-        ood = context.task.evaluate(target_model, make_loader(data.target.ood_test, eval_batch(data.target),
-                                                              shuffle=False))
-        metrics.update({f"target/ood_test_{k}": v for k, v in ood.items()})
-        metrics["data/target_ood_test_size"] = len(data.target.ood_test[1])
-    if source_model is not None:
-        after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
+    setup, task, target_model, metrics = state.setup, state.task, state.target_model, state.metrics
+    scores = target_scores(state, target_model, ("test", "ood_test"))
+    metrics.update(scores)
+    if f"target/test_{task.primary}_before" in metrics:  # a language model: its gain from continued training
+        before, after = metrics[f"target/test_{task.primary}_before"], scores[f"target/test_{task.primary}"]
+        metrics["transfer/target_gain"] = after - before if task.higher_is_better else before - after
+    if setup.data.target.ood_test is not None:  # generalization: held-out domains or a shifted test split
+        metrics["data/target_ood_test_size"] = len(setup.data.target.ood_test[1])
+    if state.source_model is not None:
+        after = source_test_scores(state)
         metrics.update({f"source/test_{k}_after": v for k, v in after.items()})
-        metrics.update(forgetting(source_model.task, metrics))
+        metrics.update(forgetting(state.source_model.task, metrics))
     else:
         metrics.update({"source/test_acc_before": None, "source/test_acc_after": None,
                         "transfer/forgetting": None})
@@ -468,17 +397,26 @@ def evaluation_stage(cfg, setup: Setup, target_model, source_model, context: Met
     extra = count(target_model.method_modules)  # e.g. LwF's source head, trained alongside
     metrics["params/total"] = count(setup.backbone) + count(target_model.head) + extra
     metrics["params/trainable"] = (count(target_model.head) + extra
-                                   + setup.freeze.trainable_backbone_params(setup.backbone, cfg.target.epochs))
+                                   + setup.freeze.trainable_backbone_params(setup.backbone, state.cfg.target.epochs))
 
 
-def harness_stage(cfg, setup: Setup, head, when: str, metrics: dict) -> None:
+def harness_stage(state: RunState, when: str = "after") -> None:
     """lm-evaluation-harness tasks on the model as it is now: lm_eval/<task>/<metric>_<when>; after
-    the target stage also the change (after − before)."""
+    the target stage also the change (after − before). Before: the kept source head, else the
+    model's own; after: the target stage's head when it trained one (language modeling), else
+    the same head as before."""
+    lm = state.cfg.evaluate.lm_eval
+    if not lm.tasks:
+        return
+    context, metrics = state.context, state.metrics
+    if when == "before":
+        state.lm_head = (context.source_head if context.source_head is not None
+                         else state.setup.backbone.language_model_head())
+    head = state.target_model.head if when == "after" and context.task.kind == "language_modeling" else state.lm_head
     started = time.time()
-    lm = cfg.evaluate.lm_eval
-    scores = evaluate_harness(setup.backbone.to(stage_device(cfg.trainer)), head, list(lm.tasks), limit=lm.limit,
+    scores = evaluate_harness(state.setup.backbone.to(state.device), head, list(lm.tasks), limit=lm.limit,
                               num_fewshot=lm.num_fewshot, include_path=lm.include_path, batch_size=lm.batch_size,
-                              device=stage_device(cfg.trainer))
+                              device=state.device)
     metrics.update({f"lm_eval/{k}_{when}": v for k, v in scores.items()})
     if when == "after":
         metrics.update({f"lm_eval/{k}_change": v - metrics[f"lm_eval/{k}_before"] for k, v in scores.items()
@@ -486,42 +424,41 @@ def harness_stage(cfg, setup: Setup, head, when: str, metrics: dict) -> None:
     metrics[f"time/lm_eval_{when}_s"] = round(time.time() - started, 3)
 
 
-def diagnostics_stage(cfg, setup: Setup, context: MethodContext, metrics: dict) -> None:
+def diagnostics_stage(state: RunState) -> None:
     """Where the target stage moved the backbone, block by block (never fails a run: a value it
-    cannot compute is null, with one warning)."""
+    cannot compute is null, with one warning). Before WiSE-FT, which swaps the weights (and
+    restores them)."""
+    if not state.cfg.evaluate.diagnostics:
+        return
     started = time.time()
-    val = make_loader(setup.data.target.val, eval_batch(setup.data.target), shuffle=False)
-    metrics.update(weight_diagnostics(setup.backbone.to(stage_device(cfg.trainer)), context.start_weights, val))
-    metrics["time/diagnostics_s"] = round(time.time() - started, 3)
+    target = state.setup.data.target
+    val = make_loader(target.val, eval_batch(target), shuffle=False)
+    state.metrics.update(weight_diagnostics(state.setup.backbone.to(state.device), state.context.start_weights, val))
+    state.metrics["time/diagnostics_s"] = round(time.time() - started, 3)
 
 
 @torch.no_grad()
-def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: MethodContext, metrics: dict) -> None:
+def wise_ft_stage(state: RunState) -> None:
     """WiSE-FT: the backbone at θ(α) = (1-α)·θ_start + α·θ_tuned for each α (every floating-point
     tensor, BatchNorm statistics included; integer counters stay the tuned ones). The target head is
     the fine-tuned one at every α (it has no start value: at α = 0 it reads the start features), the
     source head is the kept one (as trained under LwF / Co-Tuning). α is selected on target
     validation (ties: the larger α); its test metrics are reported as wise_ft/target/test_*."""
-    data, device, task = setup.data, stage_device(cfg.trainer), context.task
-    backbone = setup.backbone
+    if not state.cfg.evaluate.wise_ft_alphas:
+        return
+    task, metrics, source_model = state.task, state.metrics, state.source_model
+    backbone = state.setup.backbone
     tuned = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    start = context.start_weights
-    batch = eval_batch(data.target)
-    val = make_loader(data.target.val, batch, shuffle=False)
-    test = make_loader(data.target.test, batch, shuffle=False)
-    ood = make_loader(data.target.ood_test, batch, shuffle=False) if data.target.ood_test is not None else None
+    start = state.context.start_weights
     chosen = None
-    for alpha in sorted(set(cfg.evaluate.wise_ft_alphas)):
+    for alpha in sorted(set(state.cfg.evaluate.wise_ft_alphas)):
         backbone.load_state_dict(interpolate(start, tuned, alpha))
-        scores = {f"target/val_{k}": v for k, v in task.evaluate(target_model.to(device), val).items()}
-        scores |= {f"target/test_{k}": v for k, v in task.evaluate(target_model, test).items()}
-        if ood is not None:
-            scores |= {f"target/ood_test_{k}": v for k, v in task.evaluate(target_model, ood).items()}
+        scores = target_scores(state, state.target_model, ("val", "test", "ood_test"))
         if source_model is not None:
-            after = source_model.task.evaluate(source_model.to(device), source_test_loader(data))
+            after = {f"source/test_{k}_after": v for k, v in source_test_scores(state).items()}
             source_primary = source_model.task.primary
-            scores[f"source/test_{source_primary}"] = after[source_primary]
-            scores |= forgetting(source_model.task, {**metrics, f"source/test_{source_primary}_after": after[source_primary]})
+            scores[f"source/test_{source_primary}"] = after[f"source/test_{source_primary}_after"]
+            scores |= forgetting(source_model.task, {**metrics, **after})
         metrics.update({f"wise_ft/{alpha:g}/{k}": v for k, v in scores.items()})
         primary = scores[f"target/val_{task.primary}"]
         if chosen is None or not task.better(chosen[1], primary):  # ties: the larger α
@@ -531,8 +468,28 @@ def wise_ft_stage(cfg, setup: Setup, target_model, source_model, context: Method
     metrics.update({f"wise_ft/{k}": v for k, v in chosen[2].items() if "test_" in k or k == "transfer/forgetting"})
 
 
-def source_test_loader(data: TransferData):
-    return make_loader(data.source.test, eval_batch(data.source), shuffle=False)
+AFTER_TARGET = (evaluation_stage, harness_stage, diagnostics_stage, wise_ft_stage)  # each returns when off
+
+
+def target_scores(state: RunState, model, splits: tuple[str, ...]) -> dict:
+    """The target task's metrics of `model` on each of `splits` that this data has (val, test,
+    ood_test): target/<split>_<metric>."""
+    target, scores = state.setup.data.target, {}
+    for split in splits:
+        examples = getattr(target, split)
+        if examples is None:  # no OOD test split
+            continue
+        loader = make_loader(examples, eval_batch(target), shuffle=False, num_workers=state.cfg.data.num_workers)
+        scores |= {f"target/{split}_{k}": v for k, v in state.task.evaluate(model.to(state.device), loader).items()}
+    return scores
+
+
+def source_test_scores(state: RunState) -> dict:
+    """The source model (the shared backbone as it is now + the kept source head) on the source
+    test split: {metric: value}."""
+    source = state.setup.data.source
+    loader = make_loader(source.test, eval_batch(source), shuffle=False, num_workers=state.cfg.data.num_workers)
+    return state.source_model.task.evaluate(state.source_model.to(state.device), loader)
 
 
 def forgetting(source_task, metrics: dict) -> dict:

@@ -13,7 +13,8 @@ A method is a Lightning callback plus these hooks, all optional:
 - `attach(ctx)`: the target stage starts (after Lightning moved the model to its device): take
   references and anchors. `ctx` is a `MethodContext`. In a resumed run the weights were restored
   before attach: anchors are either saved with the stage (`state_attributes`, as L2-SP's) or read
-  from `ctx.start_weights` (set `uses_start_weights`, as DELTA does).
+  from `ctx.start_weights` (set `uses_start_weights`, as DELTA does: the stage then takes them,
+  `ctx.take_start_weights()`, before fit; reading them untaken is an error).
 - `modules(ctx)`: extra modules that train with the target head (LwF's source head); the stage adds
   them to the model, so the optimizer, checkpoints and DDP cover them.
 - `loss_term(step)`: a term added to the loss inside `training_step`, from the batch and the
@@ -64,12 +65,21 @@ class MethodContext:
     seed: int = 0
     _start_weights: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
 
-    @property
-    def start_weights(self) -> dict[str, torch.Tensor]:
-        """The backbone's weights when the target stage starts (taken at first use, which is
-        before training: the experiment hands the context over before fit)."""
+    def take_start_weights(self) -> dict[str, torch.Tensor]:
+        """Snapshot the backbone's weights now, as the target stage's start; a later call keeps the
+        first snapshot. Called before fit (which, in a resumed run, restores the moved weights):
+        by the experiment when WiSE-FT or the diagnostics will compare with the start, by the
+        target stage when a method declares `uses_start_weights`."""
         if self._start_weights is None:
             self._start_weights = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+        return self._start_weights
+
+    @property
+    def start_weights(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights when the target stage started (`take_start_weights`)."""
+        if self._start_weights is None:
+            raise RuntimeError("MethodContext.start_weights read before take_start_weights(): a method that reads "
+                               "them declares `uses_start_weights`, so the stage takes them before fit")
         return self._start_weights
 
     @property

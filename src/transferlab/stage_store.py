@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from transferlab.cache import StageCache
 from transferlab.collectives import is_global_zero
+from transferlab.config import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
 from transferlab.data import TransferData
 from transferlab.files import atomic_write
 from transferlab.heads import classification_head
@@ -31,11 +32,6 @@ from transferlab.stages.module import TaskModule
 from transferlab.stages.source import load_source_file, save_source_checkpoint, train_source
 from transferlab.stages.target import target_module, train_target
 from transferlab.weights import start_digest
-
-# The recipe every run used before optimizers and schedules were config groups: left out of the
-# cache keys (and matched by recorded configs that lack it), so earlier entries and runs stay valid.
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True}
-DEFAULT_SCHEDULER = {"_target_": "transferlab.optim.constant", "_partial_": True, "warmup_steps": 0, "warmup_ratio": 0.0}
 
 
 def recipe_settings(stage_cfg) -> dict:

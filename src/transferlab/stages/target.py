@@ -57,7 +57,7 @@ def train_target(cfg, data: TransferData, backbone, freeze: FreezePolicy, regula
         raise ConfigError(f"two methods are named {twice[0]}: give each extra regularizer its own key "
                           "(+regularizer@extra_regularizers.<key>=<option>)")
     if any(m.uses_start_weights for m in methods):
-        context.start_weights  # noqa: B018  taken now, before fit restores a resumed run's weights
+        context.take_start_weights()  # now, before fit restores a resumed run's weights
     module = target_module(cfg, backbone, head, context, methods, freeze.lr_scales(len(backbone.blocks)))
     monitor = f"target/val_{context.task.primary}"
     best = KeepBestWeights(monitor, context.task.higher_is_better)
