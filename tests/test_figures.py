@@ -127,6 +127,19 @@ def test_scatter_labels_points_and_uses_log_x_for_parameter_counts():
     assert linear.get_xscale() == "linear"
 
 
+def test_a_log_axis_under_two_decades_is_labelled_in_plain_numbers_without_minor_labels():
+    """Fit times of 20-600 s: matplotlib alone labels every minor tick (2×10¹, 3×10¹, …), which
+    run together; the axis reads 20, 50, 100, 200, 500."""
+    points = [{"label": name, "x": x, "y": 0.6, "n": 3} for name, x in [("a", 21.6), ("b", 64.4), ("c", 504.6)]]
+    fig = figures.scatter(points, "time/target_fit_s", "target/test_acc").figure
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_xscale() == "log"
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert shown == ["20", "50", "100", "200", "500"]
+    assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))
+
+
 def test_wise_ft_curve():
     alphas = [0.0, 0.5, 1.0]
     curve = lambda values: [{"mean": v, "ci": 0.01, "n": 3} for v in values]  # noqa: E731
