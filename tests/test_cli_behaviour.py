@@ -81,8 +81,11 @@ def test_auto_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
 # -- start-up and broken environments -------------------------------------------------------------
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     env = {**os.environ, "TRANSFERLAB_OUTPUT": str(tmp_path / "out"), "TRANSFERLAB_CACHE": str(tmp_path / "cache")}
+    # SIGINT back to its default in the child: a test run started in the background inherits it
+    # ignored, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen([sys.executable, "-m", "transferlab", *FAST], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)  # importing torch and Lightning, or composing the config
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)

@@ -156,7 +156,9 @@ def test_cli_help_and_no_torch(sweep):
 def test_watch_refreshes_until_ctrl_c_and_exits_0_quietly(sweep):
     env = os.environ | {"PYTHONPATH": str(Path(status.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "transferlab", "status", str(sweep), "--watch", "0.2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT at its default in the child, even where this run inherited it ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     first = proc.stdout.readline()
     while time.monotonic() < deadline and first and "sweep" not in first:
