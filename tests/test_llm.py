@@ -145,6 +145,9 @@ def test_language_modeling_runs_measure_perplexity_and_forgetting(tmp_path, llam
     assert m["transfer/forgetting_relative"] == pytest.approx(m["transfer/forgetting"] / m["source/test_ppl_before"])
     assert m["transfer/forgetting_nll"] == pytest.approx(m["source/test_nll_after"] - m["source/test_nll_before"])
     assert m["transfer/forgetting"] != 0.0  # the head the source is measured with is the one that trained
+    # the start model on the target test split, and the gain continued training made (lower is better)
+    assert m["target/test_ppl_before"] == pytest.approx(math.exp(m["target/test_nll_before"]))
+    assert m["transfer/target_gain"] == pytest.approx(m["target/test_ppl_before"] - m["target/test_ppl"])
 
 
 

@@ -355,7 +355,7 @@ def start_language_model_stage(state: RunState) -> None:
         return
     head = context.source_head if context.source_head is not None else state.setup.backbone.language_model_head()
     start = TaskModule(state.setup.backbone, head, stage="target", task=context.task, lr=0.0)
-    state.metrics.update({f"target/test_{k}_before": v for k, v in target_scores(state, start, ("test",)).items()})
+    state.metrics.update({f"{k}_before": v for k, v in target_scores(state, start, ("test",)).items()})
 
 
 def target_stage(state: RunState) -> None:
