@@ -82,7 +82,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def completes_or_refuses_in_one_line(cfg, run_dir) -> dict | None:
+def assert_completes_or_refuses(cfg, run_dir) -> dict | None:
     """The combinatorial rule: a run completes with a finite target metric, or is refused with a
     one-line TransferlabError before training. Returns the metrics (None when refused)."""
     import math

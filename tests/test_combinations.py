@@ -1,7 +1,7 @@
 """Every combination composes (issue 25, item 1): every backbone × every freeze policy, every
 backbone × every regularizer, every freeze policy × every regularizer, and the source options ×
 the methods that read a source. Each completes with a finite target metric or is refused before
-training in one line (conftest's `completes_or_refuses_in_one_line`). Options come from conf/
+training in one line (conftest's `assert_completes_or_refuses`). Options come from conf/
 (conftest's `options`), so a new freeze policy or regularizer joins every product by itself; a new
 backbone must be given its tiny setting in BACKBONES below (a test says so).
 
@@ -18,7 +18,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import completes_or_refuses_in_one_line, compose_config, options
+from conftest import assert_completes_or_refuses, compose_config, options
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,14 +102,14 @@ def run_overrides(backbone: str, folders: dict, tmp_path, *extra: str, data: lis
     return overrides
 
 
-def composes(backbone, folders, tmp_path, *extra, data=None) -> dict | None:
+def assert_composes(backbone, folders, tmp_path, *extra, data=None) -> dict | None:
     """conftest's rule on this combination; a refusal's line is printed (pytest -rP shows it)."""
     # One thread: on 2 cores shared with other work, two threads spin against each other (an
     # eigvalsh of 384 × 384 in diagnostics: 5 ms alone, seconds under contention).
     cfg = compose_config(run_overrides(backbone, folders, tmp_path, *extra, "trainer.num_threads=1", data=data))
     threads = torch.get_num_threads()
     try:
-        metrics = completes_or_refuses_in_one_line(cfg, tmp_path / "run")
+        metrics = assert_completes_or_refuses(cfg, tmp_path / "run")
     finally:
         torch.set_num_threads(threads)  # the run set it for the process: the next tests get theirs back
     if metrics is None:
@@ -125,7 +125,7 @@ def marked(backbones, slow: set = frozenset()):
 # -- the default tier: every option once, every backbone with the policies that reach into it ----
 @pytest.mark.parametrize("freeze", options("freeze"))
 def test_every_freeze_policy_composes(freeze, folders, tmp_path):
-    metrics = composes("cnn", folders, tmp_path, f"freeze={freeze}", "regularizer=l2sp")
+    metrics = assert_composes("cnn", folders, tmp_path, f"freeze={freeze}", "regularizer=l2sp")
     assert (metrics is None) == adapts_modules(freeze), "on the CNN only adapters (nothing to adapt) are refused"
 
 
@@ -143,25 +143,25 @@ def adapts_modules(freeze: str) -> bool:
 
 @pytest.mark.parametrize("regularizer", options("regularizer"))
 def test_every_regularizer_composes(regularizer, folders, tmp_path):
-    assert composes("mlp", folders, tmp_path, f"regularizer={regularizer}", "freeze=partial") is not None
+    assert assert_composes("mlp", folders, tmp_path, f"regularizer={regularizer}", "freeze=partial") is not None
 
 
 @pytest.mark.parametrize("backbone", marked(BACKBONES))
 def test_every_backbone_composes_with_a_frozen_prefix_and_a_loss_term(backbone, folders, tmp_path):
     """The frozen-block cache (on by default) runs the blocks after the prefix itself; BSS reads
     the features of every step through it."""
-    metrics = composes(backbone, folders, tmp_path, "freeze=partial", "regularizer=bss")
+    metrics = assert_composes(backbone, folders, tmp_path, "freeze=partial", "regularizer=bss")
     assert metrics is not None and metrics["params/trainable"] < metrics["params/total"]
 
 
 @pytest.mark.parametrize("backbone", marked(["minilm", "hf", "hf_causal_gpt2", "hf_causal_llama", "hf_vision", "smollm2"]))
 def test_transformers_compose_with_adapters(backbone, folders, tmp_path):
-    assert composes(backbone, folders, tmp_path, "freeze=lora", "regularizer=l2sp") is not None
+    assert assert_composes(backbone, folders, tmp_path, "freeze=lora", "regularizer=l2sp") is not None
 
 
 @pytest.mark.parametrize("backbone", DECODERS)
 def test_decoders_continue_as_language_models_under_a_frozen_prefix(backbone, folders, tmp_path):
-    metrics = composes(backbone, folders, tmp_path, "freeze=partial", "regularizer=l2sp", data=LM)
+    metrics = assert_composes(backbone, folders, tmp_path, "freeze=partial", "regularizer=l2sp", data=LM)
     assert metrics is not None and metrics["transfer/forgetting"] is not None
 
 
@@ -169,21 +169,21 @@ def test_decoders_continue_as_language_models_under_a_frozen_prefix(backbone, fo
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone, freeze", [(b, f) for b in CROSS_PRODUCT_BACKBONES for f in options("freeze")])
 def test_every_backbone_with_every_freeze_policy(backbone, freeze, folders, tmp_path):
-    composes(backbone, folders, tmp_path, f"freeze={freeze}")
+    assert_composes(backbone, folders, tmp_path, f"freeze={freeze}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("regularizer", options("regularizer"))
 @pytest.mark.parametrize("backbone", CROSS_PRODUCT_BACKBONES)
 def test_every_backbone_with_every_regularizer(backbone, regularizer, folders, tmp_path):
-    composes(backbone, folders, tmp_path, f"regularizer={regularizer}")
+    assert_composes(backbone, folders, tmp_path, f"regularizer={regularizer}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("regularizer", options("regularizer"))
 @pytest.mark.parametrize("freeze", options("freeze"))
 def test_every_freeze_policy_with_every_regularizer(freeze, regularizer, folders, tmp_path):
-    composes("minilm", folders, tmp_path, f"freeze={freeze}", f"regularizer={regularizer}")
+    assert_composes("minilm", folders, tmp_path, f"freeze={freeze}", f"regularizer={regularizer}")
 
 
 @pytest.mark.slow
@@ -191,7 +191,7 @@ def test_every_freeze_policy_with_every_regularizer(freeze, regularizer, folders
                          + [f"regularizer={o}" for o in options("regularizer")])
 @pytest.mark.parametrize("backbone", DECODERS)
 def test_decoders_as_language_models_with_every_method(backbone, method, folders, tmp_path):
-    composes(backbone, folders, tmp_path, method, data=LM)
+    assert_composes(backbone, folders, tmp_path, method, data=LM)
 
 
 # -- the source options × the methods that read a source (its model, head, data or weights) --------
@@ -217,7 +217,7 @@ def source_checkpoints(folders, tmp_path_factory):
     def make(backbone):
         if backbone not in made:
             tmp_path = tmp_path_factory.mktemp(f"source_{backbone}")
-            completes_or_refuses_in_one_line(compose_config(run_overrides(backbone, folders, tmp_path)),
+            assert_completes_or_refuses(compose_config(run_overrides(backbone, folders, tmp_path)),
                                              tmp_path / "run")
             made[backbone] = tmp_path / "run" / "checkpoints" / "source.pt"
         return made[backbone]
@@ -228,7 +228,7 @@ def source_case(backbone, source, method, folders, tmp_path, source_checkpoints)
     extra = [f"source={source}", method]
     if source == "checkpoint":
         extra.append(f"source.path={source_checkpoints(backbone)}")
-    metrics = composes(backbone, folders, tmp_path, *extra)
+    metrics = assert_composes(backbone, folders, tmp_path, *extra)
     if metrics is not None and source in ("scratch", "pretrained"):
         assert metrics["source/test_acc_before"] is None  # no source stage, no source model
     return metrics

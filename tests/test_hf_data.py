@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import completes_or_refuses_in_one_line, compose_config, options
+from conftest import assert_completes_or_refuses, compose_config, options
 from PIL import Image
 
 from transferlab.data.hf import ImageColumn, load_hf
@@ -336,4 +336,4 @@ def test_every_freeze_policy_and_regularizer_composes_with_images_on_disk(make_c
                    "data.dataset.image_size=8", "data.source_classes=[0,1]", "data.target_classes=[2,3]",
                    "data.num_workers=0", f"{group}={option}", "source.epochs=1", "target.epochs=2",
                    *(["freeze.probe_epochs=1"] if option == "lp_ft" else []))  # LP-FT: 1 probe + 1 full epoch
-    completes_or_refuses_in_one_line(cfg, tmp_path / "run")
+    assert_completes_or_refuses(cfg, tmp_path / "run")

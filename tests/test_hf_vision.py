@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, completes_or_refuses_in_one_line, compose_config, options
+from conftest import FAST, assert_completes_or_refuses, compose_config, options
 from transferlab.config import validate
 from transferlab.errors import ConfigError, TransferlabError
 from transferlab.experiment import run_experiment
@@ -261,4 +261,4 @@ def test_every_freeze_policy_and_regularizer_composes_with_hf_vision(folders, tm
         "backbone=hf_vision", f"backbone.name={folders['vit']}", f"{group}={option}", "source.epochs=1",
         "target.epochs=2", "data.source_train_size=60", "data.target_train_size=60", f"paths.output_root={tmp_path}",
         *(["freeze.probe_epochs=1"] if option == "lp_ft" else [])]  # LP-FT: 1 probe + 1 full epoch
-    completes_or_refuses_in_one_line(compose_config(overrides), tmp_path / "run")
+    assert_completes_or_refuses(compose_config(overrides), tmp_path / "run")

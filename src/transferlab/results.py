@@ -31,15 +31,15 @@ def read_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
 
 
+NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")  # a decimal number, exponent optional
+
+
 def natural_key(path: Path | str) -> list:
     """'job10' after 'job2', 'alpha=0.01' after 'alpha=0.001' and before 'alpha=0.1': numbers
     (decimals and exponents too) compare by value (text and numbers alternate, so they line up)."""
     text = path if isinstance(path, str) else path.as_posix()
     parts = NUMBER.split(text)
     return [float(part) if i % 2 else part for i, part in enumerate(parts)]
-
-
-NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 
 
 def git_state() -> tuple[str | None, bool | None]:
