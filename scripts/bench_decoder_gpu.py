@@ -237,7 +237,7 @@ def run_transferlab(env: Env, cfg, config, data, warmup: int, steps: int) -> dic
 
     with tempfile.TemporaryDirectory(prefix="bench-decoder-") as run_dir, \
             mock.patch.object(tl_trainer, "make_trainer", timed_make_trainer):
-        tl_target.train_target(cfg, tdata, backbone, freeze, regularizer, Path(run_dir))
+        tl_target.train_target(cfg, tdata, backbone, freeze, [regularizer], Path(run_dir))
     if window.start is None or window.end is None:
         raise RuntimeError("the timed window was not reached")
     trainable = freeze.trainable_backbone_params(backbone, 1) + config.hidden_size * NUM_CLASSES + NUM_CLASSES

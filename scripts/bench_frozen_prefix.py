@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-import transferlab.stage_store as stage_store  # noqa: E402
+import transferlab.experiment as experiment  # noqa: E402
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402
 from transferlab.experiment import run_experiment  # noqa: E402
@@ -58,7 +58,7 @@ def config(overrides: list[str]):
 def run(overrides: list[str], run_dir: Path) -> dict:
     """One run; returns its metrics, the stage's CPU seconds, and its test predictions."""
     stage_cpu, captured = [], {}
-    original = stage_store.train_target
+    original = experiment.train_target
 
     def timed_stage(*args, **kwargs):  # what time/target_fit_s times; keeps the module and data
         start = time.process_time()
@@ -67,12 +67,12 @@ def run(overrides: list[str], run_dir: Path) -> dict:
         captured["module"], captured["data"] = module, args[1]
         return module, info
 
-    stage_store.train_target = timed_stage
+    experiment.train_target = timed_stage
     started = time.perf_counter()
     try:
         metrics = run_experiment(config(overrides), run_dir)["metrics"]
     finally:
-        stage_store.train_target = original
+        experiment.train_target = original
     job_s = time.perf_counter() - started
     from transferlab.data.loaders import EVAL_BATCH, make_loader
     from transferlab.tasks import outputs

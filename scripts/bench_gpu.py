@@ -197,7 +197,7 @@ def run_transferlab(env: Env, cfg, backbone: HFEncoder, data: TransferData, regu
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as run_dir, \
             mock.patch.object(tl_trainer, "make_trainer", timed_make_trainer):
-        tl_target.train_target(cfg, data, backbone, freeze, regularizer, Path(run_dir))
+        tl_target.train_target(cfg, data, backbone, freeze, [regularizer], Path(run_dir))
     if timer.start is None or timer.end is None:
         raise RuntimeError(f"the timed window was not reached: {len(data.target.train[1])} training examples")
     return timer.end - timer.start

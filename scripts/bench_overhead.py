@@ -104,7 +104,7 @@ class Bench:
         regularizer = self.ewc(backbone) if reg == "ewc" else instantiate(compose([f"regularizer={reg}"]).regularizer)
         run_dir = Path(tempfile.mkdtemp(dir=self.tmp))
         started = time.perf_counter()
-        train_target(self.cfg, self.data, backbone, instantiate(self.cfg.freeze), regularizer, run_dir, loggers=[])
+        train_target(self.cfg, self.data, backbone, instantiate(self.cfg.freeze), [regularizer], run_dir, loggers=[])
         return time.perf_counter() - started
 
     def hand(self) -> float:

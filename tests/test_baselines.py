@@ -35,6 +35,13 @@ def block_output(backbone, x, j, zero_channel=None):
     return x
 
 
+def delta_step(delta, backbone, head, x, y=None, index=None) -> Step:
+    """A training step as TaskModule makes it for DELTA: one forward that returns the blocks it reads."""
+    blocks = delta.reads_blocks(backbone)
+    features, outputs = backbone.forward_intermediates(x, blocks)
+    return Step(x, y, index, features, head(features), None, dict(zip(blocks, outputs)))
+
+
 def finish(backbone, x, j):
     for block in backbone.blocks[j + 1:]:
         x = block(x)
@@ -53,8 +60,7 @@ def test_delta_attention_free_loss_is_the_feature_map_distance():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.rand(5, 1, 8, 8)
     backbone.eval(), start.eval()
-    features = backbone(x)
-    got = delta.loss_term(Step(x, None, None, features, head(features), None))
+    got = delta.loss_term(delta_step(delta, backbone, head, x))
     # α/2 · mean over the batch of Σ_channels mean_positions (F − F⁰)²
     want = 0.3 / 2 * sum(((block_output(backbone, x, j) - block_output(start, x, j)) ** 2).mean((2, 3)).sum(1).mean()
                          for j in (0, 1))
@@ -128,8 +134,7 @@ def test_delta_alpha_is_the_reference_trade_off_times_its_batch_size():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.rand(batch, 1, 8, 8)
     backbone.eval(), start.eval()
-    features = backbone(x)
-    got = delta.loss_term(Step(x, None, None, features, head(features), None))
+    got = delta.loss_term(delta_step(delta, backbone, head, x))
     now, then = block_output(backbone, x, 0), block_output(start, x, 0)
     b, c, h, w = now.shape
     distance = (now - then).reshape(b, c, h * w).norm(dim=2) ** 2
@@ -160,8 +165,7 @@ def delta_steps(backbone, head, deltas, batches):
     for x, y, index in batches:
         results = []
         for delta in deltas:
-            features = backbone(x)
-            loss = delta.loss_term(Step(x, y, index, features, head(features), None))
+            loss = delta.loss_term(delta_step(delta, backbone, head, x, y, index))
             results.append((loss, torch.autograd.grad(loss, weight)[0]))
         yield results
 

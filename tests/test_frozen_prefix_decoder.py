@@ -18,7 +18,7 @@ from test_frozen_prefix import USED, assert_same_runs
 from transferlab.backbones.hf_causal import HFDecoder
 from transferlab.backbones.minilm import minilm_path
 from transferlab.experiment import run_experiment
-from transferlab.stages.frozen_prefix import DecoderFromBlock, block_output
+from transferlab.stages.frozen_prefix import FromBlock, block_output
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,16 +86,16 @@ def test_decoder_from_block_k_equals_the_full_forward(family, side, tokenizer):
         want, want_tokens = backbone(batch), backbone.token_features(batch)
     mask = batch["attention_mask"]
     for k in range(1, len(backbone.blocks)):
-        suffix = DecoderFromBlock(backbone, k)
+        suffix = FromBlock(backbone, k)
         assert list(suffix.state_dict()) == list(backbone.state_dict())
         assert [id(p) for p in suffix.parameters()] == [id(p) for p in backbone.parameters()]
-        x = {"hidden": block_output(backbone, k, batch, text=True), "attention_mask": mask}
+        x = backbone.block_input(block_output(backbone, k, batch), batch)
         with torch.no_grad():
             torch.testing.assert_close(suffix(x), want, rtol=1e-5, atol=1e-5)
             got_tokens = suffix.token_features(x)
         real = mask.bool()
         torch.testing.assert_close(got_tokens[real], want_tokens[real], rtol=1e-5, atol=1e-5)
         # the model's own layer list is back in place
-        assert len(list(backbone.model.modules())) == len(list(suffix.model.modules()))
+        assert list(backbone.model.modules()) == list(suffix.model.modules())
         with torch.no_grad():
             torch.testing.assert_close(backbone(batch), want)

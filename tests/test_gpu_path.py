@@ -76,7 +76,7 @@ def test_stages_build_their_loaders_with_trainer_pin_memory(monkeypatch, tmp_pat
         if stage == "source":
             source_stage.train_source(cfg, data, backbone, tmp_path)
         else:
-            target_stage.train_target(cfg, data, backbone, instantiate(cfg.freeze), instantiate(cfg.regularizer),
+            target_stage.train_target(cfg, data, backbone, instantiate(cfg.freeze), [instantiate(cfg.regularizer)],
                                       tmp_path, loggers=[])
     assert seen == [True, True]
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
 from filelock import FileLock, Timeout
 
 from transferlab.collectives import barrier, broadcast_from_zero, rank_and_world_size
@@ -228,6 +229,10 @@ def remove_dead_writers(entry: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# the file names these kinds' entries have always had (entries already written stay valid)
+TENSOR_FILES = {"method_statistics": "stats.pt", "frozen_blocks": "outputs.pt"}
+
+
 class StageCache:
     def __init__(self, root: str | Path, lock_timeout_s: float = 3600, lock: str = "auto",
                  stale_lock_s: float = 300):
@@ -270,6 +275,21 @@ class StageCache:
         if value is None:
             raise RuntimeError(f"cache entry {entry} failed validation right after it was written")
         return value, False
+
+    def fetch_tensors(self, kind: str, settings: dict, compute: Callable[[], dict],
+                      use: Callable[[dict], T] = lambda tensors: tensors) -> tuple[T, bool]:
+        """`fetch` for a result that is a dict of tensors (one file): (use(tensors), hit). `use`
+        may raise to reject a loaded entry (it is then recomputed)."""
+        name = TENSOR_FILES.get(kind, "tensors.pt")
+
+        def build(folder: Path) -> None:
+            torch.save(compute(), folder / name)
+
+        def load(folder: Path) -> tuple[T]:  # in a tuple: `use` may return None, which is not a miss
+            return (use(torch.load(folder / name, map_location="cpu", weights_only=True)),)
+
+        (value,), hit = self.fetch(kind, settings, build, load)
+        return value, hit
 
     def _fetch_together(self, kind: str, key: str, entry: Path, settings: dict, compute: Callable[[Path], None],
                         load: Callable[[Path], T]) -> tuple[T, bool]:

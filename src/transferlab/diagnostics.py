@@ -32,16 +32,12 @@ target stage started: `MethodContext.start_weights`) and returns, for each block
   reads), and ``diagnostics/total_rel_change`` ‖θ − θ₀‖ / ‖θ₀‖ over every floating-point
   parameter of the backbone.
 
-**How block outputs are read.** A forward hook on each block records its output during two
-forward passes of the same batch: one with the backbone's own weights, one with `start_state`
-substituted through `torch.func.functional_call` (the backbone is never modified, so nothing here
-can leave the run's model in another state). This reads every backbone whose forward calls its
-blocks as modules — the CNN and MLP (run in sequence), the BERT-style encoders (`hf`, `minilm`,
-layer by layer), the decoders (`hf_causal`: the model's own forward runs the very layer and norm
-modules `blocks` views), EfficientNet, `hf_vision` — with no per-backbone code. A block whose
-forward never runs has null CKA: the decoders' block 0 (`Embeddings`, a view the model's forward
-reaches only through its children; no `forward_intermediates` API exists here to ask for it).
-An output is a block's tensor (the first element of a tuple / `ModelOutput`), reduced to one
+**How block outputs are read.** `backbone.forward_intermediates` returns every block's output
+in two forward passes of the same batch: one with the backbone's own weights, one with
+`start_state` substituted through `torch.func.functional_call` (the backbone is never modified, so
+nothing here can leave the run's model in another state). Every backbone has that API, so there
+is no per-backbone code here.
+A block's output is reduced to one
 vector per example: for text, (N, L, d) token states are averaged over the real tokens (the
 attention mask); otherwise flattened, and when that is wider than `MAX_FEATURES` (4,096)
 image maps (N, C, H, W) are average-pooled to the finest grid that fits and token maps (N, T, d)
@@ -204,14 +200,15 @@ def weight_measures(backbone: nn.Module, start_state: Mapping[str, torch.Tensor]
 
 
 # -- the representations -------------------------------------------------------------------------
-def first_tensor(output: Any) -> Optional[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output:
-        return first_tensor(output[0])
-    if isinstance(output, Mapping) and output:  # a transformers ModelOutput
-        return first_tensor(next(iter(output.values())))
-    return None
+class Intermediates(nn.Module):
+    """backbone.forward_intermediates as a module's forward (what functional_call runs)."""
+
+    def __init__(self, backbone: nn.Module, indices: list[int]):
+        super().__init__()
+        self.backbone, self.indices = backbone, indices
+
+    def forward(self, x):
+        return self.backbone.forward_intermediates(x, self.indices)
 
 
 def example_vectors(output: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -259,19 +256,10 @@ def representation_measures(backbone: nn.Module, start_state: Mapping[str, torch
     missing = [k for k in present if k not in start_state]
     if missing:
         raise KeyError(f"start_state has no {missing[0]} (and {len(missing) - 1} more)")
-    start = {k: start_state[k].to(device) for k in present}
-    captured: dict[int, torch.Tensor] = {}
-    mask: list[Optional[torch.Tensor]] = [None]
-
-    def hook(j):
-        def record(module, inputs, output):
-            tensor = first_tensor(output)
-            if tensor is not None and tensor.is_floating_point():
-                captured[j] = example_vectors(tensor, mask[0])
-        return record
-
+    # the start weights through functional_call on a module whose forward returns every block's output
+    everything = Intermediates(backbone, list(range(len(blocks))))
+    start = {f"backbone.{k}": start_state[k].to(device) for k in present}
     features: dict[str, dict[Any, list[torch.Tensor]]] = {"end": {}, "start": {}}
-    handles = [block.register_forward_hook(hook(j)) for j, block in enumerate(blocks)]
     modes = {m: m.training for m in backbone.modules()}
     seen = 0
     try:
@@ -281,17 +269,15 @@ def representation_measures(backbone: nn.Module, start_state: Mapping[str, torch
                 break
             x = batch_input(batch)
             x = move(cut(x, max_examples - seen), device)
-            mask[0] = x.get("attention_mask") if isinstance(x, Mapping) else None
+            mask = x.get("attention_mask") if isinstance(x, Mapping) else None
             for which in ("end", "start"):
-                captured.clear()
-                out = backbone(x) if which == "end" else torch.func.functional_call(backbone, start, (x,))
-                captured["features"] = example_vectors(first_tensor(out), None)
-                for key, value in captured.items():
+                out, inner = everything(x) if which == "end" else torch.func.functional_call(everything, start, (x,))
+                vectors = {j: example_vectors(o, mask) for j, o in enumerate(inner)}
+                vectors["features"] = example_vectors(out, None)
+                for key, value in vectors.items():
                     features[which].setdefault(key, []).append(value)
             seen += batch_size(x)
     finally:
-        for handle in handles:
-            handle.remove()
         for m, training in modes.items():
             m.training = training
     result = {f"{PREFIX}block{j}_cka": None for j in range(len(blocks))}

@@ -36,10 +36,11 @@ from transferlab.harness import evaluate_harness
 from transferlab.method import MethodContext
 from transferlab.results import git_state, package_versions, write_results
 from transferlab.run_dir import identify
-from transferlab.stage_store import method_statistics, obtain_source, obtain_target
+from transferlab.stage_store import method_statistics, obtain_source
 from transferlab.stages.checkpointing import fault_point, stop_on_sigterm
 from transferlab.stages.source import load_source_checkpoint
 from transferlab.stages.module import TaskModule
+from transferlab.stages.target import train_target
 from transferlab.stages.trainer import log_results_to_wandb, stage_device
 from transferlab.tasks import evaluating, task_of, to_device
 from transferlab.transferability import transferability_scores
@@ -361,8 +362,9 @@ def start_language_model_stage(state: RunState) -> None:
 def target_stage(state: RunState) -> None:
     cfg, setup, metrics = state.cfg, state.setup, state.metrics
     started = time.time()
-    state.target_model, info = obtain_target(cfg, setup.data, setup.backbone, setup.freeze, setup.regularizer,
-                                             state.run_dir, state.context, setup.extra_regularizers, state.cache)
+    state.target_model, info = train_target(cfg, setup.data, setup.backbone, setup.freeze,
+                                            [setup.regularizer, *setup.extra_regularizers], state.run_dir,
+                                            context=state.context, cache=state.cache)
     metrics["time/target_fit_s"] = round(time.time() - started, 3)
     metrics.update(info)
     # Efficiency (target samples/s: train_target's) and the process's peak memory (RSS; on CUDA

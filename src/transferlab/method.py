@@ -99,6 +99,7 @@ class Step:
     features: torch.Tensor  # the backbone's output ((N, d), or (N, L, d) at token level)
     logits: torch.Tensor  # the target head's
     module: nn.Module  # the TaskModule (its method_modules hold what modules() returned)
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # what reads_blocks asked for
 
 
 def plain(value):
@@ -123,6 +124,9 @@ class Method(pl.Callback):
     active = True  # False: adds nothing, so the stage leaves it out of the callbacks
     statistics_inputs: tuple[str, ...] = ()  # empty: no statistics
     has_loss_term = False
+    # True: the loss term reads the batch's raw inputs (a start copy runs on them), so the stage
+    # cannot train on cached frozen-block outputs instead
+    reads_raw_inputs = False
     # True: attach reads `ctx.start_weights`; the stage then takes them before fit, so a resumed
     # run (whose weights Lightning restores before attach) sees the stage's start, not its restart.
     uses_start_weights = False
@@ -209,6 +213,11 @@ class Method(pl.Callback):
 
     def modules(self, ctx: MethodContext) -> dict[str, nn.Module]:
         return {}
+
+    def reads_blocks(self, backbone) -> list[int]:
+        """The backbone blocks whose outputs the loss term reads (`Step.blocks`): the training
+        step then runs `backbone.forward_intermediates` instead of its forward."""
+        return []
 
     def loss_term(self, step: Step) -> torch.Tensor:
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """Where a stage's result is kept and found again — one place for every stage:
 
-- the run dir (`checkpoints/source.pt`, `target.pt`): a resumed run takes finished stages back;
+- the run dir (`checkpoints/source.pt`; the target stage keeps `target.pt` itself, stages/target.py):
+  a resumed run takes finished stages back;
 - the stage cache (`cache.py`): every job of a sweep with the same key reuses the source stage,
   the methods' statistics (EWC's Fisher, LwF's teacher logits) and the outputs of blocks frozen
   for a whole target stage (a linear probe's features) instead of recomputing them;
@@ -17,21 +18,16 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from transferlab.cache import StageCache
 from transferlab.collectives import is_global_zero
 from transferlab.config import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
 from transferlab.data import TransferData
-from transferlab.files import atomic_write
-from transferlab.heads import classification_head
 from transferlab.method import SOURCE_DATA, SOURCE_MODEL, TARGET_DATA, Method, MethodContext
 from transferlab.stages.checkpointing import stage_checkpoint_path
 from transferlab.stages.module import TaskModule
 from transferlab.stages.source import load_source_file, save_source_checkpoint, train_source
-from transferlab.stages.target import target_module, train_target
-from transferlab.weights import start_digest
 
 
 def recipe_settings(stage_cfg) -> dict:
@@ -135,54 +131,5 @@ def method_statistics(cfg, data: TransferData, method: Method, ctx: MethodContex
     if adapters:  # only then: earlier cache keys stay valid
         settings["adapters"] = adapters
 
-    def compute(folder: Path) -> None:
-        torch.save(method.compute_statistics(ctx), folder / "stats.pt")
-
-    def load(folder: Path) -> bool:
-        method.use_statistics(torch.load(folder / "stats.pt", map_location="cpu", weights_only=True), ctx)
-        return True
-
-    return cache.fetch("method_statistics", settings, compute, load)[1]
-
-
-# -- the target stage -----------------------------------------------------------------------------
-def frozen_blocks_fetch(cache: StageCache):
-    """The stage cache as `train_target` asks for it: outputs of frozen blocks, keyed by a digest
-    of those blocks' weights and of the inputs (stages/frozen_prefix.cache_settings)."""
-    def fetch(settings: dict, compute):
-        def build(folder: Path) -> None:
-            torch.save(compute(), folder / "outputs.pt")
-
-        def load(folder: Path) -> dict:
-            return torch.load(folder / "outputs.pt", map_location="cpu", weights_only=True)
-
-        return cache.fetch("frozen_blocks", settings, build, load)
-    return fetch
-
-
-def obtain_target(cfg, data: TransferData, backbone, freeze, regularizer, run_dir: Path, context: MethodContext,
-                  extra_regularizers=(), cache: StageCache | None = None) -> tuple[TaskModule, dict]:
-    """Train the target stage; a resumed run whose target stage had finished takes its kept
-    weights (backbone, head, the methods' modules) and metrics back from target.pt. With a
-    cache, blocks frozen for the whole stage are computed once per sweep (their outputs kept)."""
-    path = run_dir / "checkpoints" / "target.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        context.head = classification_head(backbone.feature_dim, data.target.num_classes)
-        module = target_module(cfg, backbone, context.head, context, [freeze, regularizer, *extra_regularizers],
-                               freeze.lr_scales(len(backbone.blocks)))
-        backbone.load_state_dict(saved["backbone"])
-        context.head.load_state_dict(saved["head"])
-        module.method_modules.load_state_dict(saved.get("methods", {}))
-        return module, saved["info"]
-    # What the stage starts from, by digest (LoRA: the base under its adapters), for `transferlab merge`.
-    start = start_digest(backbone.state_dict()) if is_global_zero() else None
-    module, info = train_target(cfg, data, backbone, freeze, regularizer, run_dir, context=context,
-                                extra_regularizers=extra_regularizers,
-                                fetch_frozen_blocks=frozen_blocks_fetch(cache) if cache is not None else None)
-    if is_global_zero():
-        atomic_write(path, lambda tmp: torch.save({"backbone": backbone.state_dict(), "head": module.head.state_dict(),
-                           "methods": module.method_modules.state_dict(),
-                           "target_classes": list(data.target.classes), "start_digest": start, "info": info}, tmp))
-        stage_checkpoint_path(run_dir, "target").unlink(missing_ok=True)  # superseded by target.pt
-    return module, info
+    return cache.fetch_tensors("method_statistics", settings, lambda: method.compute_statistics(ctx),
+                               lambda stats: method.use_statistics(stats, ctx))[1]

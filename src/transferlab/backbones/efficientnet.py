@@ -101,8 +101,8 @@ class EfficientNetLite0(Backbone):
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = bn_momentum
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.adapt(x))
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapt(x)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

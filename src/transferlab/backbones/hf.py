@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from transferlab.backbones.base import Backbone
+from transferlab.backbones.base import Backbone, check_indices
 from transferlab.errors import ConfigError, TransferlabError
 
 NLP_EXTRA = "pip install -e '.[nlp]'"
@@ -109,23 +109,50 @@ class HFEncoder(Backbone):
         return encoder
 
     def forward(self, batch: dict) -> torch.Tensor:
-        hidden, mask = self.token_features(batch), batch["attention_mask"]
+        return self.forward_from(0, batch)
+
+    def token_features(self, batch: dict) -> torch.Tensor:
+        """The last layer's hidden state per token, (N, L, feature_dim): what a token head reads."""
+        return self.forward_from(0, batch, pool=False)
+
+    def block_input(self, output: torch.Tensor, batch: dict) -> dict:
+        return {"hidden": output, "attention_mask": batch["attention_mask"]}
+
+    def forward_from(self, k: int, x: dict, pool: bool = True) -> torch.Tensor:
+        hidden = None if k == 0 else x["hidden"]
+        for _, hidden in self._outputs(x, k, len(self.blocks), hidden):
+            pass
+        return self.pool_tokens(hidden, x["attention_mask"]) if pool else hidden
+
+    def forward_intermediates(self, x: dict, indices: Sequence[int], stop_early: bool = False,
+                              pool: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        stop = check_indices(indices, len(self.blocks), stop_early)
+        kept = dict(self._outputs(x, 0, stop))
+        hidden = kept[stop - 1]
+        output = None if stop_early else (self.pool_tokens(hidden, x["attention_mask"]) if pool else hidden)
+        return output, [kept[j] for j in indices]
+
+    def _outputs(self, x: dict, start: int, stop: int, hidden: torch.Tensor | None = None):
+        """(j, block j's output) for blocks start..stop-1; `hidden` is block start's input (start >= 1)."""
+        mask = x["attention_mask"]
+        if start == 0 and stop > 0:
+            hidden = self.blocks[0](input_ids=x["input_ids"])
+            yield 0, hidden
+            start = 1
+        # Additive mask, broadcast over heads and query positions (what BertModel builds for
+        # its attention layers): padded keys get the dtype's minimum, i.e. zero attention.
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for j in range(start, stop):
+            out = self.blocks[j](hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+            yield j, hidden
+
+    def pool_tokens(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) → (N, d): the CLS token's, or the mean over real tokens."""
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-    def token_features(self, batch: dict) -> torch.Tensor:
-        """The last layer's hidden state per token, (N, L, feature_dim): what a token head reads."""
-        mask = batch["attention_mask"]
-        hidden = self.blocks[0](input_ids=batch["input_ids"])
-        # Additive mask, broadcast over heads and query positions (what BertModel builds for
-        # its attention layers): padded keys get the dtype's minimum, i.e. zero attention.
-        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        for layer in self.blocks[1:]:
-            out = layer(hidden, attention_mask=additive)
-            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
-        return hidden
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

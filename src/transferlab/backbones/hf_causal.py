@@ -25,14 +25,15 @@ own, without the Fisher.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
-from transferlab.backbones.base import Backbone
+from transferlab.backbones.base import Backbone, check_indices
 from transferlab.config import PositiveInt
 from transferlab.backbones.hf import import_transformers, offline_by_environment, quiet_transformers
 from transferlab.errors import ConfigError, TransferlabError
@@ -120,6 +121,7 @@ class HFDecoder(Backbone):
         # Not registered (object.__setattr__ skips nn.Module's bookkeeping): a view of modules
         # `model` already holds, so nothing is counted, saved or named twice.
         object.__setattr__(self, "blocks", nn.ModuleList([embeddings, *layers, norm]))
+        object.__setattr__(self, "layers", layers)  # the model's own list (forward_from swaps it for a span)
         self.feature_dim = model.config.hidden_size
         self._positions = "position_ids" in inspect.signature(model.forward).parameters
         if gradient_checkpointing:
@@ -169,14 +171,7 @@ class HFDecoder(Backbone):
 
     def token_features(self, batch: dict) -> torch.Tensor:
         """The final norm's output per token, (N, L, feature_dim): what a token head reads."""
-        mask = batch["attention_mask"]
-        extra = {}
-        if self._positions:  # 0 at each text's first real token, whichever side the padding is on
-            extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        if self.model.config._attn_implementation in ("eager", "sdpa"):
-            mask = causal_padding_mask(mask, self.model.get_input_embeddings().weight.dtype)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra)
-        return out.last_hidden_state
+        return self._run(batch)
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.pool(self.token_features(batch), batch["attention_mask"])
@@ -187,6 +182,84 @@ class HFDecoder(Backbone):
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return hidden.gather(1, last_token(mask)[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+    def block_input(self, output: torch.Tensor, batch: dict) -> dict:
+        return {"hidden": output, "attention_mask": batch["attention_mask"]}
+
+    def forward_from(self, k: int, x: dict, pool: bool = True) -> torch.Tensor:
+        hidden = x["hidden"] if k == len(self.blocks) else self._run(x, start=k, hidden=x.get("hidden"))
+        return self.pool(hidden, x["attention_mask"]) if pool else hidden
+
+    def forward_intermediates(self, x: dict, indices: Sequence[int], stop_early: bool = False,
+                              pool: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """One pass of the model's forward (through block max(indices) when stop_early). Block j's
+        output is read as block j+1's input, where the model's forward hands it over; the last
+        block run is the pass's own output."""
+        stop = check_indices(indices, len(self.blocks), stop_early)
+        kept = {}
+
+        def keep(j):
+            def hook(module, args, kwargs):
+                kept[j] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        handles = [self.blocks[j + 1].register_forward_pre_hook(keep(j), with_kwargs=True)
+                   for j in set(indices) if j < stop - 1]
+        try:
+            kept[stop - 1] = self._run(x, stop=stop)
+        finally:
+            for handle in handles:
+                handle.remove()
+        output = None if stop_early else (self.pool(kept[stop - 1], x["attention_mask"]) if pool else kept[stop - 1])
+        return output, [kept[j] for j in indices]
+
+    def _run(self, batch: dict, start: int = 0, stop: int | None = None, hidden: torch.Tensor | None = None):
+        """The model's forward over blocks start..stop-1: its output is block stop-1's output.
+
+        The model's forward builds what a decoder layer needs (the causal + padding mask, position
+        ids, rotary embeddings), so it runs for any span: for the call, its layer list holds only
+        the span's layers and its final norm is an identity when the span ends before it. From
+        block start >= 1, block start's input is replaced by `hidden`; the embeddings then run on
+        placeholder ids and their output is discarded (frozen ones in eval mode draw no random
+        numbers)."""
+        stop = len(self.blocks) if stop is None else stop
+        mask = batch["attention_mask"]
+        extra = {}
+        if self._positions:  # 0 at each text's first real token, whichever side the padding is on
+            extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.model.config._attn_implementation in ("eager", "sdpa"):
+            mask = causal_padding_mask(mask, self.model.get_input_embeddings().weight.dtype)
+        ids = batch["input_ids"] if start == 0 else torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.long,
+                                                                   device=mask.device)
+        with self._span(start, stop, hidden):
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def _span(self, start: int, stop: int, hidden: torch.Tensor | None):
+        n = len(self.blocks)
+        if start == 0 and stop == n:
+            yield
+            return
+        root = getattr(self.model, "decoder", self.model)  # OPT keeps the stack one level down
+        names = {id(child): name for name, child in root.named_children()}
+        layers_name, norm_name = names[id(self.layers)], names[id(self.blocks[-1])]
+        handle = None
+        if start >= 1:
+            def replace_input(module, args, kwargs):
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+            handle = self.blocks[start].register_forward_pre_hook(replace_input, with_kwargs=True)
+        root._modules[layers_name] = nn.ModuleList(list(self.blocks[max(start, 1):min(stop, n - 1)]))
+        if stop < n:
+            root._modules[norm_name] = nn.Identity()
+        try:
+            yield
+        finally:
+            root._modules[layers_name], root._modules[norm_name] = self.layers, self.blocks[-1]
+            if handle is not None:
+                handle.remove()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

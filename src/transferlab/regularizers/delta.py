@@ -60,29 +60,11 @@ log = logging.getLogger(__name__)
 START_FEATURES_LIMIT_BYTES = 2 << 30  # the start features of every training example, all chosen blocks
 
 
-def channels_last(output) -> torch.Tensor:
+def channels_last(out: torch.Tensor) -> torch.Tensor:
     """A block's output as (N, positions, channels): images (N, C, H, W), text (N, L, d), (N, d)."""
-    out = output[0] if isinstance(output, (tuple, list)) else output
     if out.ndim == 4:
         return out.flatten(2).transpose(1, 2)
     return out if out.ndim == 3 else out.unsqueeze(1)
-
-
-class BlockOutputs:
-    """Forward hooks that keep the outputs of `blocks` during one forward pass."""
-
-    def __init__(self, backbone, blocks: list[int]):
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = [backbone.blocks[j].register_forward_hook(self._keep(j)) for j in blocks]
-
-    def _keep(self, j):
-        def hook(module, inputs, output):
-            self.outputs[j] = channels_last(output)
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def padding_mask(x) -> Optional[torch.Tensor]:
@@ -114,15 +96,11 @@ def first(x, k: int):
     return {key: v[:k] for key, v in x.items()} if isinstance(x, dict) else x[:k]
 
 
-def zero_channel(c: int):
-    """A forward hook that zeroes channel c of a block's output (dim 1 of a feature map, the last
-    dim of token states)."""
-    def hook(module, inputs, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        out = out.clone()
-        out.select(1 if out.ndim == 4 else -1, c).zero_()
-        return (out, *output[1:]) if isinstance(output, (tuple, list)) else out
-    return hook
+def zero_channel(output: torch.Tensor, c: int) -> torch.Tensor:
+    """A block's output with channel c zeroed (dim 1 of a feature map, the last dim of token states)."""
+    output = output.clone()
+    output.select(1 if output.ndim == 4 else -1, c).zero_()
+    return output
 
 
 class DELTA(Regularizer):
@@ -186,13 +164,9 @@ class DELTA(Regularizer):
                 return sum(F.cross_entropy(f @ weight.T + bias, t, reduction="sum").item()
                            for f, t in zip(features, targets)) / n
 
-            def probe_loss() -> float:
-                return features_loss([backbone(x).float() for x, _ in batches])
-
             base = features_loss(pooled)
-            outputs = BlockOutputs(backbone, blocks)
-            backbone(batches[0][0])
-            outputs.remove()
+            widths = [channels_last(out).shape[-1]
+                      for out in backbone.forward_intermediates(batches[0][0], blocks, stop_early=True)[1]]
 
             def zeroed_loss(c: int) -> float:
                 """The last block with channel c zeroed: the pooled features with feature c zeroed
@@ -203,15 +177,14 @@ class DELTA(Regularizer):
                 return features_loss(zeroed)
 
             def forward_loss(j: int, c: int) -> float:
-                handle = backbone.blocks[j].register_forward_hook(zero_channel(c))
-                try:
-                    return probe_loss()
-                finally:
-                    handle.remove()
+                """Block j's output with channel c zeroed, the rest of the pass from there."""
+                def features(x) -> torch.Tensor:
+                    out = backbone.forward_intermediates(x, [j], stop_early=True)[1][0]
+                    return backbone.forward_from(j + 1, backbone.block_input(zero_channel(out, c), x)).float()
+                return features_loss([features(x) for x, _ in batches])
 
             stats = {}
-            for j in blocks:
-                width = outputs.outputs[j].shape[-1]
+            for j, width in zip(blocks, widths):
                 # One forward per channel, except for the last block (the default), where zeroing
                 # acts on the features directly; checked against a forward on channel 0.
                 fast = (j == len(backbone.blocks) - 1 and width == pooled[0].shape[1]
@@ -234,18 +207,19 @@ class DELTA(Regularizer):
                 for j, w in zip(self.blocks_chosen, self.channel_weights) for end in ("min", "max")}
 
     # -- the target stage ----------------------------------------------------------------------
+    def reads_blocks(self, backbone) -> list[int]:
+        return self.blocks(backbone)
+
     def attach(self, ctx: MethodContext) -> None:
         backbone = ctx.backbone
         self.block_ids = self.blocks(backbone)
         if self.attention and self.channel_weights is None:
             raise ConfigError("regularizer=delta attention=true needs a source stage (channel attention from the "
                               "source model): use source=train, or regularizer.attention=false")
-        # The start weights' behaviour, in eval mode, never trained; hooks on both copies. From
-        # ctx.start_weights (taken before fit): in a resumed run the backbone has moved already.
+        # The start weights' behaviour, in eval mode, never trained. From ctx.start_weights (taken
+        # before fit): in a resumed run the backbone has moved already.
         self.start = copy.deepcopy(backbone).eval().requires_grad_(False)
         self.start.load_state_dict(ctx.start_weights)
-        self.start_outputs = BlockOutputs(self.start, self.block_ids)
-        self.outputs = BlockOutputs(backbone, self.block_ids)
         self.head = list(ctx.head.parameters())
         device = next(backbone.parameters()).device
         if self.channel_weights is not None:
@@ -264,10 +238,7 @@ class DELTA(Regularizer):
         kept: list[list[torch.Tensor]] = [[] for _ in self.block_ids]
         size = 0
         for batch in ctx.target_loader():
-            x = to_device(batch, device)[0]
-            self.start(x)
-            for i, j in enumerate(self.block_ids):
-                out = self.start_outputs.outputs[j]
+            for i, out in enumerate(self.start_block_outputs(to_device(batch, device)[0])):
                 kept[i].append(out)
                 size += out.numel() * out.element_size()
             if size > START_FEATURES_LIMIT_BYTES:
@@ -278,9 +249,12 @@ class DELTA(Regularizer):
         return [torch.cat([F.pad(out, (0, 0, 0, width - out.shape[1])) for out in outs]) for outs in kept]
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.outputs.remove()
-        self.start_outputs.remove()
         self.start = self.start_features = None
+
+    @torch.no_grad()
+    def start_block_outputs(self, x) -> list[torch.Tensor]:
+        """The chosen blocks' outputs of the start copy, (N, positions, channels) each."""
+        return [channels_last(out) for out in self.start.forward_intermediates(x, self.block_ids, stop_early=True)[1]]
 
     def start_of_batch(self, step: Step) -> list[torch.Tensor]:
         """The chosen blocks' start outputs on the batch: read from the training split's (after a
@@ -288,7 +262,7 @@ class DELTA(Regularizer):
         if self.start_features is not None and step.index is not None:
             index = step.index.to(self.start_features[0].device)
             # text: a batch is cut to its longest text, so its positions are the split's first ones
-            stored = [f[index, :self.outputs.outputs[j].shape[1]] for j, f in zip(self.block_ids, self.start_features)]
+            stored = [f[index, :channels_last(step.blocks[j]).shape[1]] for j, f in zip(self.block_ids, self.start_features)]
             if self.checked:
                 return stored
             forward = self.forward_start(step)
@@ -298,7 +272,6 @@ class DELTA(Regularizer):
                        for s, f in zip(stored, forward))
             if same:
                 self.checked, self.start = True, None  # the copy is not needed any more
-                self.start_outputs.remove()
                 return stored
             log.info("regularizer=delta: the stored start features differ from the start copy's on the "
                      "first batch (augmented inputs or mixed precision?): it runs every step")
@@ -307,15 +280,14 @@ class DELTA(Regularizer):
         return self.forward_start(step)
 
     def forward_start(self, step: Step) -> list[torch.Tensor]:
-        with torch.no_grad():
-            self.start.to(step.features.device)(step.x)
-        return [self.start_outputs.outputs[j] for j in self.block_ids]
+        self.start.to(step.features.device)
+        return self.start_block_outputs(step.x)
 
     def loss_term(self, step: Step) -> torch.Tensor:
         mask = padding_mask(step.x)
         total = step.features.new_zeros(())
         for i, (j, start) in enumerate(zip(self.block_ids, self.start_of_batch(step))):
-            per_channel = distance_per_channel(self.outputs.outputs[j], start, mask)  # (N, channels)
+            per_channel = distance_per_channel(channels_last(step.blocks[j]), start, mask)  # (N, channels)
             if self.channel_weights is not None:
                 per_channel = per_channel * self.channel_weights[i]
             total = total + per_channel.sum(1).mean()

@@ -4,9 +4,8 @@ When blocks 0..k-1 do not train for a whole target stage (linear probe, `partial
 in eval mode with fixed weights (TaskModule puts frozen blocks in eval mode), so block k-1's output
 for an example is the same in every epoch. `frozen_prefix_stage` computes it once for the train
 and validation splits and returns what the stage then trains instead: a TaskModule over the same
-blocks and head whose backbone starts at block k (`FromBlock`; a BERT-style encoder's layers:
-`TextFromBlock`; a decoder-only model, whose layers need the causal mask and position handling
-its own forward builds: `DecoderFromBlock`), and splits whose x is the cached output (for text:
+blocks and head whose backbone starts at block k (`FromBlock`: the backbone's `forward_from(k)`),
+and splits whose x is the cached output (`forward_intermediates`, stopped at block k-1; for text:
 the hidden states, with the attention mask travelling beside them).
 
 Automatic only where exact; otherwise it returns None and the stage runs as before:
@@ -23,8 +22,7 @@ When every block is frozen (a linear probe) the cached value is the pooled featu
 a classification task; a token task keeps the last block's per-token output), so the stage trains
 the head on (N, d) features.
 
-Scope: in memory for the stage, and — when the experiment passes `fetch` (stage_store: the stage
-cache) — on disk for every job of a sweep that starts from the same blocks: the key is a digest of
+Scope: in memory for the stage, and — when the stage is given the stage cache — on disk for every job of a sweep that starts from the same blocks: the key is a digest of
 the frozen blocks' weights and buffers and of the train / validation inputs (plus k, the device
 type, the precision and the torch version), so it matches exactly when the outputs would be
 recomputed the same, whatever the source stage or seed that produced those weights. The test
@@ -37,16 +35,13 @@ identical before and after the stage.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
-from typing import Callable
 
 import torch
 from torch import nn
 
-from transferlab.backbones.hf_causal import HFDecoder
 from transferlab.data.loaders import EVAL_BATCH
 from transferlab.stages.module import TaskModule
 from transferlab.tasks import evaluating, to_device
@@ -67,103 +62,25 @@ def frozen_prefix_length(always_frozen: set[int]) -> int:
 
 
 class FromBlock(nn.Module):
-    """The backbone from block k on: reads block k-1's output, runs blocks k.., pools. Holds the
-    backbone's own `blocks` and `pool` under the same names, so its parameters, param groups and
-    state_dict keys are the backbone's."""
+    """The backbone from block k on (`forward_from`): reads block k's input — block k-1's output,
+    for text with its attention mask. Holds the backbone's own children under the same names, so
+    its parameters, param groups and state_dict keys are the backbone's."""
 
     def __init__(self, backbone: nn.Module, k: int, pooled: bool = False):
         super().__init__()
-        self.blocks, self.pool, self.k = backbone.blocks, backbone.pool, k
-        self.feature_dim = backbone.feature_dim
+        for name, child in backbone.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "backbone", backbone)  # a view: its modules are registered above
+        if "blocks" not in self._modules:  # a decoder's blocks are a view of its model's modules
+            object.__setattr__(self, "blocks", backbone.blocks)
+        self.k, self.feature_dim = k, backbone.feature_dim
         self.pooled = pooled  # x is already the backbone's output (every block frozen)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pooled:
-            return x
-        for block in self.blocks[self.k:]:
-            x = block(x)
-        return self.pool(x)
-
-
-class TextFromBlock(FromBlock):
-    """A BERT-style encoder (backbones/hf.py) from layer k on; x = {"hidden", "attention_mask"}."""
-
-    def __init__(self, backbone: nn.Module, k: int, pooled: bool = False):
-        super().__init__(backbone, k, pooled)
-        self.pooling = backbone.pooling
-
-    def token_features(self, x: dict) -> torch.Tensor:
-        hidden, mask = x["hidden"], x["attention_mask"]
-        # as HFEncoder.token_features: additive mask, padded keys get the dtype's minimum
-        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        for layer in self.blocks[self.k:]:
-            out = layer(hidden, attention_mask=additive)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
-
     def forward(self, x) -> torch.Tensor:
-        if self.pooled:
-            return x
-        hidden, mask = self.token_features(x), x["attention_mask"]
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return x if self.pooled else self.backbone.forward_from(self.k, x)
 
-
-class DecoderFromBlock(nn.Module):
-    """A decoder-only model (backbones/hf_causal.py) from block k on; x = {"hidden", "attention_mask"},
-    `hidden` being block k's input (block k-1's output). Its blocks are [embeddings, layers...,
-    final norm], and a decoder layer needs what the model's forward builds (the causal + padding
-    mask, position ids, rotary embeddings): so the model's own forward runs, with the layers before
-    block k left out of its layer list for the call and block k's input replaced by `hidden`. The
-    embeddings then run on placeholder ids (a lookup, frozen, in eval mode: no random numbers) and
-    their output is discarded; pooling is the backbone's own. Holds the backbone's one child
-    `model` under the same name, so parameters and state_dict keys are the backbone's."""
-
-    def __init__(self, backbone: nn.Module, k: int, pooled: bool = False):
-        super().__init__()
-        self.model = backbone.model
-        # views, as in HFDecoder: not registered (one name per parameter)
-        object.__setattr__(self, "backbone", backbone)
-        object.__setattr__(self, "blocks", backbone.blocks)
-        self.k, self.pooled, self.feature_dim, self.pooling = k, pooled, backbone.feature_dim, backbone.pooling
-        root = getattr(backbone.model, "decoder", backbone.model)  # OPT keeps the stack one level down
-        lists = [name for name, child in root.named_children() if isinstance(child, nn.ModuleList)]
-        if len(lists) != 1 or list(root._modules[lists[0]]) != list(backbone.blocks[1:-1]):
-            raise ValueError("the decoder's layer list is not its blocks 1..n")
-        object.__setattr__(self, "_root", root)  # a view too
-        self._layers = lists[0]
-
-    @contextlib.contextmanager
-    def starting_at_block_k(self, hidden: torch.Tensor):
-        def replace_input(module, args, kwargs):
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        handle = self.blocks[self.k].register_forward_pre_hook(replace_input, with_kwargs=True)
-        layers = self._root._modules[self._layers]
-        self._root._modules[self._layers] = nn.ModuleList(list(self.blocks[self.k:-1]))  # the layers from block k
-        try:
-            yield
-        finally:
-            self._root._modules[self._layers] = layers
-            handle.remove()
-
-    def _run(self, x: dict, pooled: bool) -> torch.Tensor:
-        mask = x["attention_mask"]
-        if self.k == len(self.blocks):  # every block frozen (a token-level head): hidden is the output
-            return self.backbone.pool(x["hidden"], mask) if pooled else x["hidden"]
-        placeholder = {"input_ids": torch.zeros(mask.shape, dtype=torch.long, device=mask.device), "attention_mask": mask}
-        with self.starting_at_block_k(x["hidden"]):
-            return self.backbone(placeholder) if pooled else self.backbone.token_features(placeholder)
-
-    def token_features(self, x: dict) -> torch.Tensor:
-        return self._run(x, pooled=False)
-
-    def forward(self, x) -> torch.Tensor:
-        return x if self.pooled else self._run(x, pooled=True)
+    def token_features(self, x) -> torch.Tensor:
+        return self.backbone.forward_from(self.k, x, pool=False)
 
 
 class CachedTokens:
@@ -182,36 +99,10 @@ class CachedTokens:
         return {"hidden": self.hidden[index][:, used], "attention_mask": mask[:, used]}
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
-def block_output(backbone: nn.Module, k: int, x, text: bool) -> torch.Tensor:
-    """Block k-1's output for batch x, by the backbone's own forward, stopped right there. For a
-    decoder, block k's input (its embeddings block is a view the model's forward never calls), or
-    with every block frozen the final norm's output."""
-    captured = []
-
-    def grab(module, inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
-
-    def grab_input(module, args, kwargs):
-        captured.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
-
-    if isinstance(backbone, HFDecoder) and k < len(backbone.blocks):
-        handle = backbone.blocks[k].register_forward_pre_hook(grab_input, with_kwargs=True)
-    else:
-        handle = backbone.blocks[k - 1].register_forward_hook(grab)
-    try:
-        backbone.token_features(x) if text else backbone(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
+def block_output(backbone: nn.Module, k: int, x) -> torch.Tensor:
+    """Block k-1's output for batch x: the pass stops there."""
+    return backbone.forward_intermediates(x, [k - 1], stop_early=True)[1][0]
 
 
 @torch.no_grad()
@@ -224,7 +115,7 @@ def cache_split(backbone: nn.Module, k: int, split: tuple, device: torch.device,
         index = list(range(start, min(start + EVAL_BATCH, len(y))))
         batch = x[index]
         batch = {n: t.to(device) for n, t in batch.items()} if text else batch.to(device)
-        out = backbone(batch) if pooled else block_output(backbone, k, batch, text)
+        out = backbone(batch) if pooled else block_output(backbone, k, batch)
         outputs.append(out.cpu())
     if pooled or not text:
         return torch.cat(outputs)
@@ -267,35 +158,26 @@ def cache_settings(cfg, backbone: nn.Module, k: int, pooled: bool, task, text: b
 
 
 def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], device: torch.device, methods=(),
-                        fetch: Callable[[dict, Callable[[], dict]], tuple[dict, bool]] | None = None):
+                        cache=None):
     """(module, task, hit) to train on instead, reading block k-1's cached output; None when the
     cache would not be exact (see the module docstring). `module` is the stage's TaskModule,
     `methods` the stage's methods (one whose loss term reads the raw batch, like DELTA's, rules it
-    out). `fetch(settings, compute)`: the stage cache's, returning (outputs, hit); hit is None
-    without one."""
+    out). `cache`: the stage cache (cache.StageCache) or None; hit is None without one."""
     backbone, k = module.backbone, frozen_prefix_length(always_frozen)
-    text = getattr(backbone, "reads_text", False)
+    text = backbone.reads_text
     pooled = k == len(backbone.blocks) and not module.task.token_level
     reason = None
     if k == 0:
         return None
-    raw = [m.name for m in methods if getattr(m, "reads_raw_inputs", False)]
+    raw = [m.name for m in methods if m.reads_raw_inputs or m.reads_blocks(backbone)]
     if raw:
-        reason = f"regularizer={raw[0]} reads the raw batch"
+        reason = f"regularizer={raw[0]} reads the raw batch or inner block outputs"
     elif cfg.data.augment:
         reason = "data.augment draws new inputs every epoch"
     elif str(cfg.trainer.precision) not in FULL_PRECISION:
         reason = f"trainer.precision={cfg.trainer.precision} (the blocks would run under autocast)"
-    elif text and not hasattr(backbone, "pooling"):
-        reason = "a text backbone that is not a BERT-style encoder"
-    suffix = None
-    if reason is None:
-        kind = DecoderFromBlock if isinstance(backbone, HFDecoder) else TextFromBlock if text else FromBlock
-        try:
-            suffix = kind(backbone, k, pooled)
-        except ValueError as e:
-            reason = str(e)
-    if suffix is not None and [id(p) for p in suffix.parameters()] != [id(p) for p in backbone.parameters()]:
+    suffix = FromBlock(backbone, k, pooled)
+    if reason is None and [id(p) for p in suffix.parameters()] != [id(p) for p in backbone.parameters()]:
         reason = "the backbone has parameters outside its blocks"
     if reason is None:
         module.to(device)
@@ -311,10 +193,11 @@ def frozen_prefix_stage(cfg, module: TaskModule, task, always_frozen: set[int], 
         with evaluating(module):
             return {name: cache_split(backbone, k, getattr(task, name), device, text, pooled) for name in ("train", "val")}
 
-    if fetch is None:
+    if cache is None:
         outputs, hit = compute(), None
     else:
-        outputs, hit = fetch(cache_settings(cfg, backbone, k, pooled, task, text, device), compute)
+        outputs, hit = cache.fetch_tensors("frozen_blocks", cache_settings(cfg, backbone, k, pooled, task, text, device),
+                                           compute)
     splits = {name: (as_inputs(outputs[name]), getattr(task, name)[1]) for name in ("train", "val")}
     cached = TaskModule(suffix, module.head, stage=module.stage, task=module.task, lr=module.lr,
                         weight_decay=module.weight_decay, lr_scales=module.lr_scales, optimizer=module.make_optimizer,
@@ -336,7 +219,7 @@ def block_bytes(backbone, k: int, split: tuple, device, text: bool, width: int |
     was_training = backbone.training
     backbone.eval()
     try:
-        out = block_output(backbone, k, x, text)
+        out = block_output(backbone, k, x)
     finally:
         backbone.train(was_training)
     per_position = out[0].numel() // (out.shape[1] if text else 1)

@@ -35,6 +35,8 @@ class TaskModule(pl.LightningModule):
         self.make_scheduler = scheduler
         self.context = context if context is not None else MethodContext(backbone=backbone, head=head, task=self.task)
         self.loss_methods = [m for m in methods if m.has_loss_term]
+        # blocks whose outputs a loss term reads (DELTA's feature maps): one forward returns them
+        self.read_blocks = sorted({j for m in self.loss_methods for j in m.reads_blocks(backbone)})
         extra = {name: module for m in methods for name, module in m.modules(self.context).items()}
         self.method_modules = nn.ModuleDict(extra)
         self.frozen_blocks: set[int] = set()
@@ -71,12 +73,17 @@ class TaskModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, *rest = batch  # the stages' loaders add the examples' positions in the training split
         index = rest[0] if rest else None
-        features = self.features(x)
+        blocks = {}
+        if self.read_blocks:
+            features, outputs = self.backbone.forward_intermediates(x, self.read_blocks, pool=not self.token_level)
+            blocks = dict(zip(self.read_blocks, outputs))
+        else:
+            features = self.features(x)
         logits = self.head(features)
         loss = self.task.loss(logits, y)
         terms = {}
         if self.loss_methods:
-            step = Step(x, y, index, features, logits, self)
+            step = Step(x, y, index, features, logits, self, blocks)
             terms = {m.name: m.loss_term(step) for m in self.loss_methods}
             loss = loss + sum(terms.values())
         self._last_loss = loss.detach()
