@@ -89,6 +89,37 @@ def test_counts_stages_ages_and_eta(sweep):
     assert lines[-1].startswith("ETA ≈ ") and "mean wall time 20.0 s over 3 completed; 3 not started, 3 running" in lines[-1]
 
 
+def test_eta_weights_each_job_by_what_its_arm_costs(tmp_path):
+    """A scratch job has no source stage: it costs less, and the ETA counts each job not started or
+    running at its own arm's mean wall time (arm = overrides but the seed), not the sweep's mean."""
+    root = tmp_path / "sweep"
+    write_multirun(root, ["source=train,scratch", "seed=range(0,3)"])
+    for name, overrides, state, wall, age_s in [
+            ("0", ["source=train", "seed=0"], "completed", 40.0, 0.0),
+            ("1", ["source=scratch", "seed=0"], "completed", 4.0, 0.0),
+            ("2", ["source=scratch", "seed=1"], "completed", 4.0, 0.0),
+            ("3", ["source=train", "seed=1"], "running", None, 10.0)]:
+        job = write_job(root, name, state, wall=wall, age_s=age_s)
+        (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    s = status.sweep_status(root)
+    assert s["counts"]["not started"] == 2 and s["mean_wall_s"] == pytest.approx(16.0)
+    # running: train seed 1, 40 − 10 s left; not started: train seed 2 (40 s) and scratch seed 2 (4 s)
+    assert s["eta_s"] == pytest.approx((40 - 10) + 40 + 4, abs=1)  # the sweep's mean would say (16 − 10) + 2 × 16
+    assert "each job weighted by its arm's mean" in status.format_status(s)
+    # a job whose overrides cannot be read: every job not started counts the sweep's mean, as before
+    (root / "2" / ".hydra" / "overrides.yaml").unlink()
+    s = status.sweep_status(root)
+    assert s["eta_s"] == pytest.approx((40 - 10) + 2 * 16, abs=1)
+    assert "weighted by its arm" not in status.format_status(s)
+
+
+def test_overrides_are_read_plain_or_through_yaml(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- seed=1\n- 'regularizer.blocks=[0,1]'\n- freeze=full\n")
+    assert status.read_overrides(str(tmp_path)) == ("freeze=full", "regularizer.blocks=[0,1]", "seed=1")
+    assert status.read_overrides(str(tmp_path / "missing")) is None
+
+
 def test_stage_follows_the_checkpoints_and_the_source_mode(tmp_path):
     for name, ckpts, mode in [("a", [], "train"), ("b", ["source.ckpt"], "train"), ("c", ["source.pt"], "train"),
                               ("d", ["source.pt", "target.ckpt"], "train"), ("e", ["source.pt", "target.pt"], "train"),

@@ -16,9 +16,12 @@ Hydra's override parser — never torch or Lightning — so it answers in well u
   source.pt (or a source.mode with no source stage) → target; else source. Age is the time since
   its results.json was written (the job's start), last write the newest file in checkpoints/ or
   csv/ (a job whose last write is long past may be dead: a killed job cannot record it).
-- ETA = (Σ over running jobs of max(w − age, 0) + not started × w) / max(running jobs, 1), with w
-  the mean wall time (provenance.wall_time_s) of the completed jobs: the rest of the sweep at the
-  parallelism it has now.
+- ETA = (Σ over running jobs of max(w − age, 0) + Σ over jobs not started of w) / max(running
+  jobs, 1): the rest of the sweep at the parallelism it has now. w is a job's expected wall time
+  (provenance.wall_time_s): the mean over the completed jobs of its *arm* (its overrides but the
+  seed, from .hydra/overrides.yaml; the jobs not started are multirun.yaml's expansion less the
+  jobs found), so a scratch arm with no source stage counts what it costs; the mean over every
+  completed job for an arm with none completed yet, or when the jobs cannot be told apart.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +56,7 @@ class Job:
     last_write_s: float | None = None  # running jobs: since the newest checkpoint or log file
     stage: str | None = None
     finished_s: float | None = None  # completed jobs: since results.json was last written
+    overrides: tuple[str, ...] | None = None  # .hydra/overrides.yaml, sorted; None: not readable
 
 
 def find_jobs(sweep_dir: Path) -> list[Job]:
@@ -83,6 +88,31 @@ WALL_RE = re.compile(rb'"wall_time_s":\s*([-+0-9.eE]+|null)\s*[,}]')
 
 def read_job(job_dir: str, name: str, now: float) -> Job | None:
     """The job in job_dir, or None when job_dir is not a job (no results.json, no .hydra/)."""
+    job = read_job_status(job_dir, name, now)
+    if job is not None:
+        job.overrides = read_overrides(job_dir)
+    return job
+
+
+def read_overrides(job_dir: str) -> tuple[str, ...] | None:
+    """The job's command-line overrides (Hydra's .hydra/overrides.yaml, a list of strings), sorted.
+    Plain `- key=value` lines are read as they are; anything else goes through yaml."""
+    try:
+        with open(os.path.join(job_dir, ".hydra", "overrides.yaml")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    lines = text.splitlines()
+    if all(line.startswith("- ") and line[2:3] not in ("'", '"') for line in lines):
+        return tuple(sorted(line[2:] for line in lines))
+    try:
+        listed = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or []
+        return tuple(sorted(str(o) for o in listed))
+    except yaml.YAMLError:
+        return None
+
+
+def read_job_status(job_dir: str, name: str, now: float) -> Job | None:
     path = os.path.join(job_dir, RESULTS_FILE)
     try:
         with open(path, "rb") as f:
@@ -160,6 +190,13 @@ def log_times(job_dir: Path) -> list[float]:
 
 def expected_jobs(sweep_dir: Path) -> int | None:
     """How many jobs the sweep launches, from its multirun.yaml; None when it cannot tell."""
+    planned = planned_jobs(sweep_dir)
+    return planned if planned is None or isinstance(planned, int) else len(planned)
+
+
+def planned_jobs(sweep_dir: Path) -> list[tuple[str, ...]] | int | None:
+    """The jobs the sweep launches, from its multirun.yaml: each job's overrides (sorted), or only
+    their number (Optuna's n_trials); None when it cannot tell."""
     try:
         config = yaml.load((sweep_dir / "multirun.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         hydra = config["hydra"]
@@ -175,7 +212,7 @@ def expected_jobs(sweep_dir: Path) -> int | None:
         arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         arguments += list((hydra.get("overrides") or {}).get("task") or [])
         parsed = OverridesParser.create().parse_overrides(arguments)
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+        return [tuple(sorted(job)) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except Exception:  # noqa: BLE001  no multirun.yaml, another sweeper, an override we cannot expand
         return None
 
@@ -196,7 +233,8 @@ def sweep_status(sweep_dir: str | Path) -> dict | None:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         return None
-    jobs, total = find_jobs(sweep_dir), expected_jobs(sweep_dir)
+    jobs, planned = find_jobs(sweep_dir), planned_jobs(sweep_dir)
+    total = planned if planned is None or isinstance(planned, int) else len(planned)
     if not jobs and total is None:
         return None
     counts = dict.fromkeys(STATUSES, 0)
@@ -205,14 +243,38 @@ def sweep_status(sweep_dir: str | Path) -> dict | None:
     counts["not started"] = max((total or 0) - len(jobs), 0)
     walls = [job.wall_time_s for job in jobs if job.status == "completed" and isinstance(job.wall_time_s, (int, float))]
     mean_wall = sum(walls) / len(walls) if walls else None
-    eta = None
+    eta, per_arm = None, False
     if mean_wall is not None:
+        expected = expected_wall(jobs, mean_wall)
         running = [job for job in jobs if job.status == "running"]
-        work = sum(max(mean_wall - (job.age_s or 0.0), 0.0) for job in running) + counts["not started"] * mean_wall
+        work = sum(max(expected(job.overrides) - (job.age_s or 0.0), 0.0) for job in running)
+        per_arm = isinstance(planned, list) and all(job.overrides is not None for job in jobs)
+        if per_arm:
+            work += sum(expected(o) for o in (Counter(planned) - Counter(job.overrides for job in jobs)).elements())
+        else:
+            work += counts["not started"] * mean_wall
         eta = work / max(len(running), 1)
     started = first_launch(sweep_dir, jobs)
     return {"sweep_dir": sweep_dir, "jobs": jobs, "total": total, "counts": counts, "eta_s": eta,
-            "mean_wall_s": mean_wall, "n_walls": len(walls), "started_s": started}
+            "mean_wall_s": mean_wall, "n_walls": len(walls), "started_s": started, "per_arm": per_arm}
+
+
+def arm(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(o for o in overrides if not o.startswith("seed="))
+
+
+def expected_wall(jobs: list[Job], mean_wall: float):
+    """overrides → the expected wall time of a job with them: its arm's mean over completed jobs,
+    else `mean_wall`."""
+    walls: dict[tuple, list[float]] = {}
+    for job in jobs:
+        if job.status == "completed" and job.overrides is not None and isinstance(job.wall_time_s, (int, float)):
+            walls.setdefault(arm(job.overrides), []).append(job.wall_time_s)
+
+    def expected(overrides: tuple[str, ...] | None) -> float:
+        same = walls.get(arm(overrides)) if overrides is not None else None
+        return sum(same) / len(same) if same else mean_wall
+    return expected
 
 
 def duration(seconds: float | None) -> str:
@@ -261,6 +323,8 @@ def eta_line(status: dict) -> str:
         return f"ETA: unknown until a job completes ({left} left)"
     basis = (f"mean wall time {status['mean_wall_s']:.1f} s over {status['n_walls']} completed; "
              f"{counts['not started']} not started, {counts['running']} running")
+    if status.get("per_arm"):
+        basis += "; each job weighted by its arm's mean"
     if status["total"] is None:
         basis += "; total unknown, so this covers the running jobs only"
     return f"ETA ≈ {duration(status['eta_s'])} ({basis})"
