@@ -15,6 +15,7 @@ very parameters the target stage trains.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from typing import Optional
@@ -46,6 +47,14 @@ def causal_lm(backbone, head: nn.Module):
     return causal
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(manager_class, include_path: Optional[str]):
+    """lm-eval's task index (~6 s: it reads every task YAML it ships), built once per process and
+    folder: a run scores its tasks before and after the target stage, a sweep in every job."""
+    with quiet():
+        return manager_class(include_path=include_path)
+
+
 def evaluate_harness(backbone, head, tasks: list[str], *, limit: Optional[float], num_fewshot: Optional[int],
                      include_path: Optional[str], batch_size: int, device: torch.device) -> dict[str, float]:
     """{<task>/<metric>: value} for lm-eval's tasks (stderr entries left out)."""
@@ -56,7 +65,7 @@ def evaluate_harness(backbone, head, tasks: list[str], *, limit: Optional[float]
     except ImportError as e:
         raise TransferlabError(f"evaluate.lm_eval.tasks: lm-evaluation-harness is not installed ({e.name}): "
                                f"{INSTALL}") from None
-    manager = TaskManager(include_path=include_path, verbosity="ERROR")
+    manager = task_manager(TaskManager, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"evaluate.lm_eval.tasks: no lm-eval task named {unknown[0]!r}"
