@@ -21,6 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub in t
 _TEST_CACHE = tempfile.mkdtemp(prefix="transferlab-test-cache-")
 atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 os.environ["TRANSFERLAB_CACHE"] = _TEST_CACHE
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one thread each, no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"  # the runs these tests start as subprocesses too
+    torch.set_num_threads(1)
 
 from transferlab.cli import CONF_DIR  # noqa: E402
 from transferlab.config import register_schemas  # noqa: E402

@@ -101,7 +101,8 @@ def test_no_stage_cache_no_entry(make_cfg, tmp_path, caplog):
     assert not list(tmp_path.rglob("frozen_blocks"))
 
 
-@pytest.mark.parametrize("freeze", [["freeze=linear_probe"], ["freeze=partial", "freeze.k=1"]])
+@pytest.mark.parametrize("freeze", [["freeze=linear_probe"],
+                                    pytest.param(["freeze=partial", "freeze.k=1"], marks=pytest.mark.slow)])
 def test_minilm_with_and_without_the_cache_give_the_same_test_predictions(tmp_path, caplog, freeze):
     with caplog.at_level(logging.INFO, logger="transferlab.stages.frozen_prefix"):
         on = run_experiment(tweets_cfg(tmp_path, *freeze), tmp_path / "on")["metrics"]

@@ -396,6 +396,7 @@ def test_the_harness_sees_the_trained_weights_without_a_copy(llama_folder, token
     assert {id(p) for p in model.parameters()} == {id(p) for p in [*backbone.parameters(), *head.parameters()]}
 
 
+@pytest.mark.slow  # lm-eval's import and task index: ~10 s
 def test_lm_eval_tasks_are_scored_before_and_after(tmp_path, llama_folder):
     pytest.importorskip("lm_eval")
     tasks = capitals_task(tmp_path)

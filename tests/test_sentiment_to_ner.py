@@ -70,7 +70,7 @@ def run_cfg(tmp_path, *overrides):
         "source.epochs=1", "target.epochs=1", "source.lr=1e-3", "target.lr=1e-3", *overrides])
 
 
-@pytest.mark.parametrize("regularizer", ["none", "ewc"])
+@pytest.mark.parametrize("regularizer", ["none", pytest.param("ewc", marks=pytest.mark.slow)])
 def test_sentiment_to_ner_runs_and_measures_forgetting_on_sentiment(tmp_path, regularizer):
     results = run_experiment(run_cfg(tmp_path, f"regularizer={regularizer}"), tmp_path / "run")
     assert read_results(tmp_path / "run")["status"] == "completed"
