@@ -246,7 +246,7 @@ def build_setup(cfg) -> Setup:
     pretrained = check_stage_choices(cfg, mode, backbone, freeze, [regularizer, *extras], has_source)
     if data.target.language_modeling:
         check_language_modeling(cfg, backbone, [freeze, regularizer, *extras])
-    if cfg.evaluate.lm_eval.tasks and not hasattr(backbone, "language_model_head"):
+    if cfg.evaluate.lm_eval.tasks and not backbone.language_model:
         raise ConfigError(f"evaluate.lm_eval.tasks: lm-eval scores a language model; {type(backbone).__name__} is "
                           "not one (use backbone=smollm2 or backbone=hf_causal)")
     if mode == "scratch" and pretrained:
@@ -516,17 +516,13 @@ def majority_score(task, data: TransferData) -> float:
 def check_data_fits_backbone(cfg, data) -> None:
     """Text data needs a text encoder (and token labels per-token features), images the reverse."""
     backbone_class = get_class(cfg.backbone._target_)
-    reads_text = getattr(backbone_class, "reads_text", False)
-    if data.is_text != reads_text:
+    if data.is_text != backbone_class.reads_text:  # a text backbone has per-token features too (token tasks)
         raise ConfigError(f"data: {data.dataset} is {'text' if data.is_text else 'not text'} but backbone "
                           f"{cfg.backbone._target_} {'is not' if data.is_text else 'is'} a text encoder: "
                           f"{'use backbone=minilm or backbone=hf' if data.is_text else 'use an image backbone: cnn, mlp, efficientnet_lite0 or hf_vision'}")
-    if data.target.language_modeling and not hasattr(backbone_class, "language_model_head"):
+    if data.target.language_modeling and not backbone_class.language_model:
         raise ConfigError(f"data: {data.dataset} is language modeling but backbone {cfg.backbone._target_} is not a "
                           "language model: use backbone=smollm2 or backbone=hf_causal")
-    if data.target.token_level and not hasattr(backbone_class, "token_features"):
-        raise ConfigError(f"data: {data.dataset} is token classification but backbone {cfg.backbone._target_} "
-                          "has no per-token features (token_features): use backbone=minilm or backbone=hf")
 
 
 def check_language_modeling(cfg, backbone, methods: list) -> None:

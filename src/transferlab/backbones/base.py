@@ -31,7 +31,8 @@ from torch import nn
 class Backbone(nn.Module):
     blocks: nn.ModuleList
     feature_dim: int
-    reads_text = False  # True: forward takes a dict of token tensors and the backbone has a `tokenizer`
+    reads_text = False  # True: forward takes a dict of token tensors, and it has a `tokenizer` and `token_features`
+    language_model = False  # True: it has its own next-token head (`language_model_head()`)
     pretrained = False  # True: its initial weights are pretrained (source=pretrained starts from them)
 
     def __init__(self) -> None:

@@ -82,6 +82,7 @@ def set_pad_token(tokenizer, name: str) -> None:
 class HFDecoder(Backbone):
     pretrained = True
     reads_text = True
+    language_model = True
     option = "hf_causal"
 
     def __init__(self, name: str, pooling: Literal["last", "mean"] = "last", num_layers: Optional[PositiveInt] = None,
