@@ -22,15 +22,15 @@ When every block is frozen (a linear probe) the cached value is the pooled featu
 a classification task; a token task keeps the last block's per-token output), so the stage trains
 the head on (N, d) features.
 
-Scope: in memory for the stage, and — when the stage is given the stage cache — on disk for every job of a sweep that starts from the same blocks: the key is a digest of
-the frozen blocks' weights and buffers and of the train / validation inputs (plus k, the device
-type, the precision and the torch version), so it matches exactly when the outputs would be
-recomputed the same, whatever the source stage or seed that produced those weights. The test
-split is not cached (it is evaluated once, by the full model, after the stage). The stage
-checkpoint holds the same state_dict keys either way (FromBlock names its modules as the backbone
-does), so a resumed run takes the cache again and continues. Weight-space methods that
-interpolate the whole backbone afterwards (WiSE-FT) see the same weights: frozen blocks are
-identical before and after the stage.
+Scope: in memory for the stage, and — when the stage is given the stage cache — on disk for every
+job of a sweep that starts from the same blocks: the key is a digest of the frozen blocks' weights
+and buffers and of the train / validation inputs (plus k, the device type, the precision and the
+torch version), so it matches exactly when the outputs would be recomputed the same, whatever the
+source stage or seed that produced those weights. The test split is not cached (it is evaluated
+once, by the full model, after the stage). The stage checkpoint holds the same state_dict keys
+either way (FromBlock names its modules as the backbone does), so a resumed run takes the cache
+again and continues. Weight-space methods that interpolate the whole backbone afterwards (WiSE-FT)
+see the same weights: frozen blocks are identical before and after the stage.
 """
 
 from __future__ import annotations
