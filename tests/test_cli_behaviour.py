@@ -79,6 +79,21 @@ def test_auto_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
 
 
 # -- start-up and broken environments -------------------------------------------------------------
+def catches_sigint(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until process pid has a SIGINT handler of its own (Linux: SigCgt in /proc/pid/status),
+    which Python installs early in its start-up; on a loaded machine that can take over a second."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return  # not Linux, or gone: send it anyway
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.05)
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     env = {**os.environ, "TRANSFERLAB_OUTPUT": str(tmp_path / "out"), "TRANSFERLAB_CACHE": str(tmp_path / "cache")}
     # SIGINT back to its default in the child: a test run started in the background inherits it
@@ -86,7 +101,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "transferlab", *FAST], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(1.0)  # importing torch and Lightning, or composing the config
+    catches_sigint(process.pid)  # the interpreter is up (before it, SIGINT would just kill it: exit -2)
+    time.sleep(0.5)  # importing torch and Lightning, or composing the config
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
