@@ -190,7 +190,10 @@ def log_times(job_dir: Path) -> list[float]:
 
 def expected_jobs(sweep_dir: Path) -> int | None:
     """How many jobs the sweep launches, from its multirun.yaml; None when it cannot tell."""
-    planned = planned_jobs(sweep_dir)
+    return job_count(planned_jobs(sweep_dir))
+
+
+def job_count(planned: list | int | None) -> int | None:
     return planned if planned is None or isinstance(planned, int) else len(planned)
 
 
@@ -234,7 +237,7 @@ def sweep_status(sweep_dir: str | Path) -> dict | None:
     if not sweep_dir.is_dir():
         return None
     jobs, planned = find_jobs(sweep_dir), planned_jobs(sweep_dir)
-    total = planned if planned is None or isinstance(planned, int) else len(planned)
+    total = job_count(planned)
     if not jobs and total is None:
         return None
     counts = dict.fromkeys(STATUSES, 0)

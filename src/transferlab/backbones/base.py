@@ -47,9 +47,10 @@ class Backbone(nn.Module):
         """The input as block 0 reads it (parameter-free: resizing, scaling)."""
         return x
 
-    def block_input(self, output: torch.Tensor, x) -> torch.Tensor:
-        """Block k's input given block k-1's output and the batch (images: the output itself)."""
-        return output
+    def block_input(self, output: torch.Tensor, x):
+        """Block k's input given block k-1's output and the batch: images, the output itself; text,
+        the hidden states with the batch's attention mask (the layers need it)."""
+        return {"hidden": output, "attention_mask": x["attention_mask"]} if self.reads_text else output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(0, x)
@@ -70,6 +71,12 @@ class Backbone(nn.Module):
             kept[j] = x
         output = None if stop_early else (self.pool(x) if pool else x)
         return output, [kept[j] for j in indices]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, L, d) token states → (N, d): the mean over each text's real tokens."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def check_indices(indices: Sequence[int], num_blocks: int, stop_early: bool) -> int:

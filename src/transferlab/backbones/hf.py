@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from transferlab.backbones.base import Backbone, check_indices
+from transferlab.backbones.base import Backbone, check_indices, masked_mean
 from transferlab.errors import ConfigError, TransferlabError
 
 NLP_EXTRA = "pip install -e '.[nlp]'"
@@ -115,9 +115,6 @@ class HFEncoder(Backbone):
         """The last layer's hidden state per token, (N, L, feature_dim): what a token head reads."""
         return self.forward_from(0, batch, pool=False)
 
-    def block_input(self, output: torch.Tensor, batch: dict) -> dict:
-        return {"hidden": output, "attention_mask": batch["attention_mask"]}
-
     def forward_from(self, k: int, x: dict, pool: bool = True) -> torch.Tensor:
         hidden = None if k == 0 else x["hidden"]
         for _, hidden in self._outputs(x, k, len(self.blocks), hidden):
@@ -151,8 +148,7 @@ class HFEncoder(Backbone):
         """(N, L, d) → (N, d): the CLS token's, or the mean over real tokens."""
         if self.pooling == "cls":
             return hidden[:, 0]
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return masked_mean(hidden, mask)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

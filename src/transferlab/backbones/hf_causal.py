@@ -33,7 +33,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from transferlab.backbones.base import Backbone, check_indices
+from transferlab.backbones.base import Backbone, check_indices, masked_mean
 from transferlab.config import PositiveInt
 from transferlab.backbones.hf import import_transformers, offline_by_environment, quiet_transformers
 from transferlab.errors import ConfigError, TransferlabError
@@ -180,12 +180,8 @@ class HFDecoder(Backbone):
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, L, d) token features → (N, d): the last real token's, or the mean over real tokens."""
         if self.pooling == "mean":
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return masked_mean(hidden, mask)
         return hidden.gather(1, last_token(mask)[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
-
-    def block_input(self, output: torch.Tensor, batch: dict) -> dict:
-        return {"hidden": output, "attention_mask": batch["attention_mask"]}
 
     def forward_from(self, k: int, x: dict, pool: bool = True) -> torch.Tensor:
         hidden = x["hidden"] if k == len(self.blocks) else self._run(x, start=k, hidden=x.get("hidden"))
