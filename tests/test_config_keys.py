@@ -14,7 +14,8 @@ import typing
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, open_dict
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conftest import compose_config
 from transferlab.cli import CONF_DIR
@@ -92,13 +93,26 @@ def test_every_schema_refuses_a_key_it_does_not_have(where, schema):
 def test_open_sections_stay_open(overrides):
     """Components are checked against their signatures, named components under
     extra_regularizers each so, and a free value (Any) is not a schema."""
-    validate(compose_config(overrides))
+    cfg = compose_config(overrides)
+    validate(cfg)  # raises ConfigError on a key no schema or signature has
+    named = {o.split("@extra_regularizers.")[1].split("=")[0] for o in overrides if "@extra_regularizers." in o}
+    assert set(cfg.extra_regularizers) == named
+    for key in (o.split("=")[0] for o in overrides if o[0] not in "+~"):
+        assert OmegaConf.select(cfg, key) is not None, key
 
 
 @pytest.mark.parametrize("arm", sorted(f"{p.parent.name}={p.stem}" for p in (Path(CONF_DIR) / "ablation").glob("*/*.yaml")))
 def test_every_ablation_arm_validates(arm):
     group, option = arm.split("=")
-    validate(compose_config([f"+ablation/{group}={option}"]))
+    cfg = compose_config([f"+ablation/{group}={option}"])
+    validate(cfg)  # raises ConfigError on a key no schema or signature has
+    # each option the arm picks is the one in effect, with the arm's own settings on top
+    own = yaml.safe_load((Path(CONF_DIR) / "ablation" / group / f"{option}.yaml").read_text())
+    for entry in own["defaults"]:
+        for key, picked in entry.items():
+            node = key.removeprefix("override /")
+            want = OmegaConf.merge(compose_config([f"{node}={picked}"])[node], own.get(node) or {})
+            assert cfg[node] == want, (arm, node)
 
 
 def inner(size: int = 1):

@@ -57,10 +57,10 @@ def test_selection_is_on_mean_validation_of_the_selection_seeds_never_test(tmp_p
         a = knobs.get("regularizer.alpha")
         return {0.1: 0.80, 1: 0.70}.get(a, 0.75) + 0.001 * seed if seed < 3 else {1: 0.95}.get(a, 0.5)
 
-    def test(arm, knobs, seed):
+    def held_out_score(arm, knobs, seed):
         return {0.1: 0.60, 1: 0.99}.get(knobs.get("regularizer.alpha"), 0.70) + 0.01 * seed
 
-    sweep(tmp_path, range(6), val, test)
+    sweep(tmp_path, range(6), val, held_out_score)
     runs = runs_of(tmp_path)
     assert tuning.is_tuning_sweep(runs)
     arms, knobs = tuning.arms_and_grids(runs)
